@@ -1,0 +1,288 @@
+"""Write media + caption + meta folders into WebDataset tar shards (video2dataset / img2dataset
+layout: `KEY.mp4` or `KEY.jpg`/`KEY.png`, `KEY.txt`, `KEY.json`), resumably.
+
+Inputs are sorted and cut into chunks of `shard_size`: shard i always holds the inputs
+i*shard_size .. (i+1)*shard_size-1 (minus the ones that fail), so a re-run after a crash
+neither duplicates nor loses a sample. Each tar is written as `shard-NNNNNN.tar.tmp` and
+renamed when complete; its manifest `shard-NNNNNN.manifest.json` is written after that, so
+"tar and manifest present, manifest lists the same sources" means the shard is done.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from data_tools.probe import ProbeError, probe_image, probe_video
+from data_tools.stages import DROPPED, FAILED, ClipRecord, Stage, run_stages
+
+VIDEO_SUFFIXES = (".mp4",)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+STATS_NAME = "_stats.json"
+_SHARD_FILE = re.compile(r"^shard-(\d{6})\.(tar|manifest\.json)$")
+# Fixed member mtime: the same inputs give byte-identical tars.
+_TAR_MTIME = 0
+
+
+class ShardInputError(ValueError):
+    """The input folder is missing, empty, or holds clashing keys."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def list_inputs(input_dir: str | Path, suffixes: Sequence[str]) -> list[Path]:
+    """The media files directly in `input_dir` with one of `suffixes`, sorted by name."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise ShardInputError(f"input directory {input_dir} does not exist or is not a directory")
+    inputs = sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    if not inputs:
+        raise ShardInputError(f"no {'/'.join(s.lstrip('.') for s in suffixes)} files in {input_dir}")
+    return inputs
+
+
+def sample_key(path: Path) -> str:
+    # webdataset splits "KEY.ext" at the first dot, so a key must not contain one.
+    return path.stem.replace(".", "_")
+
+
+def plan_shards(inputs: Sequence[Path], shard_size: int) -> list[list[Path]]:
+    """Consecutive chunks of `shard_size` sorted inputs: the shard of an input never depends
+    on which other inputs fail."""
+    if shard_size < 1:
+        raise ShardInputError(f"shard size must be at least 1, got {shard_size}")
+    return [list(inputs[i : i + shard_size]) for i in range(0, len(inputs), shard_size)]
+
+
+# --- stages -----------------------------------------------------------------------------
+
+
+def probe_video_stage(record: ClipRecord) -> ClipRecord:
+    """Decode the clip; record frames, fps, size, duration and codec, or fail with the reason."""
+    try:
+        probe = probe_video(record.source, record.data)
+    except ProbeError as error:
+        return replace(record, status=FAILED, reason=error.reason)
+    fields = probe.to_dict()
+    fields.pop("path")
+    return replace(record, meta={**record.meta, **fields})
+
+
+def probe_image_stage(record: ClipRecord) -> ClipRecord:
+    """Decode the image; record width and height, or fail with the reason."""
+    try:
+        probe = probe_image(record.source)
+    except ProbeError as error:
+        return replace(record, status=FAILED, reason=error.reason)
+    return replace(record, meta={**record.meta, "width": probe.width, "height": probe.height})
+
+
+def read_sidecars(record: ClipRecord) -> ClipRecord:
+    """Attach `NAME.txt` as the caption and `NAME.json` as meta; probe fields already in the
+    meta win over the sidecar's. A missing caption becomes "" with `caption_missing: true`."""
+    source = Path(record.source)
+    caption_path, meta_path = source.with_suffix(".txt"), source.with_suffix(".json")
+    meta: dict[str, Any] = {}
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return replace(record, status=FAILED, reason=f"unreadable sidecar {meta_path.name}: {error}")
+        if not isinstance(meta, dict):
+            return replace(record, status=FAILED, reason=f"sidecar {meta_path.name} is not a JSON object")
+    if caption_path.exists():
+        caption = caption_path.read_text(encoding="utf-8").strip()
+    else:
+        caption, meta["caption_missing"] = "", True
+    return replace(record, caption=caption, meta={**meta, **record.meta})
+
+
+VIDEO_STAGES: tuple[Stage, ...] = (probe_video_stage, read_sidecars)
+IMAGE_STAGES: tuple[Stage, ...] = (probe_image_stage, read_sidecars)
+
+
+# --- writing ----------------------------------------------------------------------------
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _finished_manifest(out_dir: Path, index: int, sources: list[str]) -> dict[str, Any] | None:
+    """The manifest of shard `index` if that shard is complete and holds exactly `sources`."""
+    tar = out_dir / f"{shard_name(index)}.tar"
+    manifest = _read_manifest(out_dir / f"{shard_name(index)}.manifest.json")
+    if manifest is None or not tar.is_file():
+        return None
+    if manifest.get("sources") != sources or manifest.get("bytes") != tar.stat().st_size:
+        return None
+    return manifest
+
+
+def _remove_stale_files(out_dir: Path, num_shards: int) -> list[str]:
+    """Delete leftover `.tmp` files of an interrupted run and shards past the end of the
+    current plan (the input folder shrank), so the folder holds only current shards."""
+    removed = []
+    for path in sorted(out_dir.iterdir()):
+        match = _SHARD_FILE.match(path.name)
+        stale_shard = match is not None and int(match.group(1)) >= num_shards
+        if (path.name.startswith("shard-") and path.name.endswith(".tmp")) or stale_shard:
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def _sample(record: ClipRecord) -> dict[str, Any]:
+    meta = {**record.meta, "key": record.key, "source": record.source, "status": record.status}
+    return {
+        "__key__": record.key,
+        record.ext: record.media_bytes(),
+        "txt": record.caption.encode("utf-8"),
+        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+    }
+
+
+def _report(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)  # keeps the progress bar intact
+
+
+def write_shards(
+    inputs: Sequence[Path],
+    out_dir: str | Path,
+    make_record: Callable[[Path], ClipRecord],
+    stages: Sequence[Stage],
+    shard_size: int = 256,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run `stages` over `inputs` and write the records that pass into tar shards in
+    `out_dir`, skipping shards already complete. Returns the totals also saved as `_stats.json`."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_shards(inputs, shard_size)
+    keys = [sample_key(p) for p in inputs]
+    if len(set(keys)) != len(keys):
+        clash = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        raise ShardInputError(f"inputs share sample keys {clash}: rename the files so their stems differ")
+    _remove_stale_files(out_dir, len(plan))
+
+    sources = [[str(p.resolve()) for p in chunk] for chunk in plan]
+    manifests: dict[int, dict[str, Any]] = {}
+    pending = []
+    for index, chunk_sources in enumerate(sources):
+        manifest = _finished_manifest(out_dir, index, chunk_sources)
+        if manifest is not None:
+            manifests[index] = manifest
+        else:
+            pending.append(index)
+            # A shard being rewritten must never look finished next to its old manifest.
+            (out_dir / f"{shard_name(index)}.manifest.json").unlink(missing_ok=True)
+
+    records = (make_record(path) for index in pending for path in plan[index])
+    results = run_stages(records, stages, workers=workers)
+    bar = tqdm(total=sum(len(plan[i]) for i in pending), desc="shards", unit="clip", disable=not progress)
+    for index in pending:
+        name = shard_name(index)
+        tar, tmp = out_dir / f"{name}.tar", out_dir / f"{name}.tar.tmp"
+        written, failed, dropped = [], [], []
+        try:
+            with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as writer:
+                for _ in plan[index]:
+                    record = next(results)
+                    bar.update()
+                    if record.ok:
+                        try:
+                            sample = _sample(record)
+                        except OSError as error:  # vanished or unreadable since it was probed
+                            record = replace(record, status=FAILED, reason=f"cannot read: {error.strerror or error}")
+                        else:
+                            writer.write(sample)
+                            written.append(record.key)
+                            continue
+                    entry = {"path": record.source, "reason": record.reason}
+                    (dropped if record.status == DROPPED else failed).append(entry)
+                    if record.status != DROPPED:
+                        _report(f"effvid-data: skipped {record.source}: {record.reason}")
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # never leave a half-written shard behind
+            raise
+        tmp.replace(tar)
+        manifest = {
+            "shard": f"{name}.tar",
+            "num_samples": len(written),
+            "keys": written,
+            "sources": sources[index],
+            "failed": failed,
+            "dropped": dropped,
+            "bytes": tar.stat().st_size,
+        }
+        _write_json_atomic(out_dir / f"{name}.manifest.json", manifest)
+        manifests[index] = manifest
+    bar.close()
+
+    ordered = [manifests[i] for i in range(len(plan))]
+    failed_paths = [entry["path"] for m in ordered for entry in m.get("failed", [])]
+    stats = {
+        "inputs": len(inputs),
+        "written": sum(m["num_samples"] for m in ordered),
+        "failed": len(failed_paths),
+        "failed_paths": failed_paths,
+        "dropped": sum(len(m.get("dropped", [])) for m in ordered),
+        "shards": len(plan),
+        "shards_written": len(pending),
+        "shards_skipped": len(plan) - len(pending),
+        "shard_size": shard_size,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    _write_json_atomic(out_dir / STATS_NAME, stats)
+    return stats
+
+
+def video_record(path: Path) -> ClipRecord:
+    return ClipRecord(key=sample_key(path), source=str(path.resolve()), ext="mp4")
+
+
+def image_record(path: Path) -> ClipRecord:
+    # img2dataset names JPEG members "jpg" whatever the file's spelling.
+    ext = "png" if path.suffix.lower() == ".png" else "jpg"
+    return ClipRecord(key=sample_key(path), source=str(path.resolve()), ext=ext)
+
+
+def shard_videos(
+    input_dir: str | Path, out_dir: str | Path, shard_size: int = 256, workers: int | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Shard every `*.mp4` in `input_dir` (with `.txt` / `.json` sidecars) into `out_dir`."""
+    inputs = list_inputs(input_dir, VIDEO_SUFFIXES)
+    return write_shards(inputs, out_dir, video_record, VIDEO_STAGES, shard_size, workers, progress)
+
+
+def shard_images(
+    input_dir: str | Path, out_dir: str | Path, shard_size: int = 256, workers: int | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Shard every `*.jpg` / `*.jpeg` / `*.png` in `input_dir` (with sidecars) into `out_dir`."""
+    inputs = list_inputs(input_dir, IMAGE_SUFFIXES)
+    return write_shards(inputs, out_dir, image_record, IMAGE_STAGES, shard_size, workers, progress)
