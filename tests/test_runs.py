@@ -1,0 +1,197 @@
+"""effvid-runs over real W&B offline runs made here, logged the way Lightning's WandbLogger does."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments import runs as runs_cli
+from experiments.run_history import (
+    STEP_KEY,
+    TIME_KEY,
+    RunNotFoundError,
+    config_differences,
+    find_runs,
+    get_run,
+    load_history,
+    lower_is_better,
+    summarize,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# run A: one segment. The last loss is not the best one and the last accuracy is not the best one,
+# so a swapped min/max rule or "best = last" shows up.
+A_LOSS = {0: 1.0, 10: 0.5, 20: 0.25, 30: 0.3}
+A_ACC = {10: 0.7, 30: 0.6}
+# run B: crashed after step 30, resumed from the checkpoint at step 20: steps 20 and 30 re-logged.
+B_SEGMENT_1 = {"loss": {0: 2.0, 10: 1.5, 20: 1.2, 30: 1.0}, "acc": {30: 0.5}}
+B_SEGMENT_2 = {"loss": {20: 0.8, 30: 0.6, 40: 0.4}, "acc": {40: 0.65}}
+
+
+def _log_segment(run_dir: Path, run_id: str, loss: dict[int, float], acc: dict[int, float]) -> None:
+    """One W&B offline segment, logged like Lightning's WandbLogger: no explicit W&B step (so an
+    offline resume restarts `_step` at 0), `trainer/global_step` in every record."""
+    import wandb
+
+    run = wandb.init(mode="offline", dir=run_dir, id=run_id, project="effvid", resume="allow")
+    run.define_metric("trainer/global_step")
+    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+    for step in sorted(set(loss) | set(acc)):
+        if step in loss:
+            run.log({"train/loss": loss[step], "epoch": 0, "trainer/global_step": step})
+        if step in acc:  # validation: a separate log call at the same global step
+            run.log({"val/digit_accuracy": acc[step], "trainer/global_step": step})
+    wandb.finish()
+    # offline-run folders are named to the second: make the next segment's name differ
+    time.sleep(1.01 - time.time() % 1.0)
+
+
+def _write_run_files(run_dir: Path, run_id: str, lr: float, status: str, created: str, step: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps(
+        {"run_id": run_id, "status": status, "created": created, "experiment": "digits_quickstart",
+         "global_step": step}))
+    (run_dir / "config.yaml").write_text(
+        f"run_id: {run_id}\n"
+        "model:\n  channels: [32, 64]\n"
+        f"optim:\n  lr: {lr}\n"
+        f"logger:\n  id: ${{run_id}}\n  save_dir: runs/{run_id}\n"
+        "hydra_cwd: ${hydra:runtime.cwd}\n")
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("effvid-runs")
+    runs = root / "runs"
+    with pytest.MonkeyPatch.context() as mp:
+        for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(root),
+                           "WANDB_CONFIG_DIR": str(root / "wandb-config"),
+                           "WANDB_CACHE_DIR": str(root / "wandb-cache")}.items():
+            mp.setenv(var, value)
+        _write_run_files(runs / "aaa11111", "aaa11111", 0.001, "completed", "2025-01-01T10:00:00", 30)
+        _log_segment(runs / "aaa11111", "aaa11111", A_LOSS, A_ACC)
+        _write_run_files(runs / "bbb22222", "bbb22222", 0.002, "running", "2025-01-02T10:00:00", 40)
+        _log_segment(runs / "bbb22222", "bbb22222", B_SEGMENT_1["loss"], B_SEGMENT_1["acc"])
+        _log_segment(runs / "bbb22222", "bbb22222", B_SEGMENT_2["loss"], B_SEGMENT_2["acc"])
+    (runs / "notes").mkdir()  # a folder without run.json is not a run
+    return runs
+
+
+def test_resumed_run_reads_as_one_history_with_the_later_segment_winning(runs_dir: Path) -> None:
+    assert len(list((runs_dir / "bbb22222" / "wandb").glob("offline-run-*-bbb22222"))) == 2
+    history = load_history(runs_dir / "bbb22222")
+
+    assert [row[STEP_KEY] for row in history] == [0, 10, 20, 30, 40]
+    assert {row[STEP_KEY]: row["train/loss"] for row in history} == {0: 2.0, 10: 1.5, 20: 0.8, 30: 0.6, 40: 0.4}
+    # step 30 was re-run: the first segment's accuracy there belongs to the abandoned run
+    assert {row[STEP_KEY]: row["val/digit_accuracy"] for row in history if "val/digit_accuracy" in row} == {40: 0.65}
+    # training time keeps counting across the resume (W&B restarts _runtime at 0 offline)
+    elapsed = [row[TIME_KEY] for row in history]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > elapsed[1]
+
+
+def test_one_segment_history_merges_train_and_val_logs_of_a_step(runs_dir: Path) -> None:
+    history = load_history(runs_dir / "aaa11111")
+    assert [row[STEP_KEY] for row in history] == [0, 10, 20, 30]
+    assert history[1]["train/loss"] == 0.5 and history[1]["val/digit_accuracy"] == 0.7
+    assert summarize(history, ["train/loss", "val/digit_accuracy", "val/nothing"]) == {
+        "train/loss": {"last": 0.3, "last_step": 30, "best": 0.25, "best_step": 20},
+        "val/digit_accuracy": {"last": 0.6, "last_step": 30, "best": 0.7, "best_step": 10},
+        "val/nothing": {"last": None, "last_step": None, "best": None, "best_step": None},
+    }
+
+
+def test_compare_reports_final_values_config_difference_and_plot(runs_dir: Path, capsys) -> None:
+    assert runs_cli.main(["compare", "aaa11111", "bbb22222", "--runs-dir", str(runs_dir), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+
+    metrics = report["metrics"]
+    # default metrics: the shared ones, without W&B/Lightning bookkeeping (_step, trainer/*, epoch)
+    assert set(metrics["aaa11111"]) == set(metrics["bbb22222"]) == {"train/loss", "val/digit_accuracy"}
+    assert metrics["aaa11111"]["train/loss"] == {"last": 0.3, "last_step": 30, "best": 0.25, "best_step": 20}
+    assert metrics["bbb22222"]["train/loss"] == {"last": 0.4, "last_step": 40, "best": 0.4, "best_step": 40}
+    assert metrics["aaa11111"]["val/digit_accuracy"]["best"] == 0.7
+    assert metrics["bbb22222"]["val/digit_accuracy"]["last"] == 0.65
+    # lr differs; run_id / logger.id / logger.save_dir differ only by the run's own id
+    assert report["config_diff"] == {"optim.lr": {"aaa11111": 0.001, "bbb22222": 0.002}}
+
+    png = Path(report["plot"])
+    assert png == runs_dir / "compare-aaa11111-bbb22222.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    import matplotlib.pyplot as plt
+
+    assert plt.imread(png).shape[0] > 100
+
+
+def test_compare_table_shows_both_runs_and_the_differing_key(runs_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "plots" / "cmp.png"
+    code = runs_cli.main(["compare", "aaa11111", "bbb22222", "--runs-dir", str(runs_dir),
+                          "--metrics", "train/loss", "--out", str(out), "--x", "time"])
+    text = capsys.readouterr().out
+    assert code == 0
+    lines = text.splitlines()
+    assert any(line.split()[:3] == ["train/loss", "aaa11111", "0.3"] for line in lines)
+    assert any(line.split()[:3] == ["train/loss", "bbb22222", "0.4"] for line in lines)
+    assert not any("val/digit_accuracy" in line for line in lines)
+    assert any(line.split() == ["optim.lr", "0.001", "0.002"] for line in lines)
+    assert not any(line.startswith(("model.channels", "run_id", "logger.")) for line in lines)
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_list_shows_both_runs_with_last_train_loss(runs_dir: Path, capsys) -> None:
+    assert runs_cli.main(["list", "--runs-dir", str(runs_dir), "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "id,status,experiment,step,created,train/loss"
+    assert lines[1:] == ["aaa11111,completed,digits_quickstart,30,2025-01-01T10:00:00,0.3",
+                         "bbb22222,running,digits_quickstart,40,2025-01-02T10:00:00,0.4"]
+
+
+def test_unknown_run_id_names_it_the_runs_dir_and_the_closest_ids(runs_dir: Path, capsys) -> None:
+    with pytest.raises(RunNotFoundError, match=r"no run 'aaa1111x' in runs dir .*closest ids: aaa11111"):
+        get_run(runs_dir, "aaa1111x")
+    assert runs_cli.main(["compare", "aaa11111", "zzz", "--runs-dir", str(runs_dir)]) == 1
+    captured = capsys.readouterr()
+    assert "no run 'zzz'" in captured.err and str(runs_dir) in captured.err
+    assert captured.out == ""
+
+
+def test_env_var_sets_the_runs_dir_and_bad_run_json_is_skipped_by_name(
+        runs_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    broken = tmp_path / "runs" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "run.json").write_text("{not json")
+    (tmp_path / "runs" / "notes").mkdir()
+    monkeypatch.setenv("EFFVID_RUNS", str(tmp_path / "runs"))
+    assert runs_cli.main(["list"]) == 0
+    captured = capsys.readouterr()
+    assert "run.json" in captured.err and str(broken) in captured.err
+    assert captured.out == ""  # no readable run there
+    assert [run.id for run in find_runs(runs_dir)] == ["aaa11111", "bbb22222"]
+
+
+def test_best_rule_and_nan_handling() -> None:
+    for name in ("train/loss", "val/loss_simple", "val/fvd16", "val/lpips", "eval/mse"):
+        assert lower_is_better(name), name
+    for name in ("val/digit_accuracy", "val/clip_score", "val/psnr", "val/confidence"):
+        assert not lower_is_better(name), name
+    history = [{STEP_KEY: 0, "train/loss": 1.0}, {STEP_KEY: 1, "train/loss": 0.5},
+               {STEP_KEY: 2, "train/loss": math.nan}]
+    summary = summarize(history, ["train/loss"])["train/loss"]
+    assert math.isnan(summary["last"]) and summary["last_step"] == 2  # a diverged run must show it
+    assert (summary["best"], summary["best_step"]) == (0.5, 1)
+
+
+def test_config_differences_marks_a_key_only_one_run_has() -> None:
+    diffs = config_differences({"a": {"x": 1, "name": "runs/a"}, "b": {"x": 1, "name": "runs/b", "y": 2}})
+    assert list(diffs) == ["y"] and diffs["y"]["b"] == 2 and repr(diffs["y"]["a"]) == "<absent>"
+
+
+def test_help_has_examples(capsys) -> None:
+    with pytest.raises(SystemExit):
+        runs_cli.main(["--help"])
+    assert "effvid-runs compare" in capsys.readouterr().out
