@@ -1,0 +1,140 @@
+"""Decode one mp4 sample into a clip tensor: frame sampling, resize/crop, channels, scaling.
+
+Everything here runs inside a DataLoader worker: the decord reader is created per call, so
+no reader (and no decoder thread) ever exists before the workers fork.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import decord
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from data_tools.video_io import decode_mp4
+
+# ITU-R BT.601 luma weights, the same ones the H.264 encoder used to make Y from RGB.
+_LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+_warned_decord_fallback = False
+
+
+class VideoDecodeError(RuntimeError):
+    """An mp4 in a shard cannot be decoded; the message names the shard url and sample key."""
+
+
+class ClipTooShortError(ValueError):
+    """A clip has fewer frames than `num_frames` at `stride` need."""
+
+
+def sample_frame_indices(
+    num_available: int,
+    num_frames: int | None,
+    stride: int,
+    random_start: bool,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Indices of `num_frames` frames `stride` apart inside a clip of `num_available` frames.
+
+    `num_frames=None` takes as many frames as fit from frame 0. The start is uniform over all
+    valid starts when `random_start` (needs `rng`), else 0 so validation is deterministic.
+    A clip shorter than the span `(num_frames - 1) * stride + 1` raises `ClipTooShortError`
+    rather than repeating or padding frames, which would silently change the motion.
+    """
+    if stride < 1:
+        raise ValueError(f"frame stride must be >= 1, got {stride}")
+    if num_available < 1:
+        raise ClipTooShortError("clip has no frames")
+    if num_frames is None:
+        num_frames = (num_available - 1) // stride + 1
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    span = (num_frames - 1) * stride + 1
+    if num_available < span:
+        raise ClipTooShortError(
+            f"clip has {num_available} frames but {num_frames} frames at stride {stride} need {span}"
+        )
+    start = 0
+    if random_start:
+        if rng is None:
+            raise ValueError("random_start needs an rng")
+        start = int(rng.integers(0, num_available - span + 1))
+    return start + stride * np.arange(num_frames)
+
+
+def _decode_frames(data: bytes, num_frames: int | None, stride: int, random_start: bool,
+                   rng: np.random.Generator | None) -> np.ndarray:
+    """Decode the sampled frames of `data` to uint8 `(F, H, W, 3)` RGB."""
+    global _warned_decord_fallback
+    reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+    indices = sample_frame_indices(len(reader), num_frames, stride, random_start, rng)
+    try:
+        return reader.get_batch(indices.tolist()).asnumpy()  # (F, H, W, 3)
+    except decord.DECORDError as exc:
+        # decord 0.6 bug (dmlc/decord#336): for some widths (8, 12, 16, 24, 48, 72, ...) it
+        # returns padded rows and the copy fails. PyAV decodes the same pixels exactly.
+        if "DECORDArrayCopyFromTo" not in str(exc):
+            raise
+        if not _warned_decord_fallback:
+            _warned_decord_fallback = True
+            warnings.warn(
+                "decord cannot return frames of this width (dmlc/decord#336); decoding with "
+                "PyAV instead, which is slower. Shards with widths such as 32/64 avoid this.",
+                stacklevel=2,
+            )
+        return decode_mp4(data)[indices]
+
+
+def _resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the short side of `(F, C, H, W)` frames to `size`, then crop the centre square."""
+    height, width = frames.shape[-2:]
+    if (height, width) == (size, size):
+        return frames
+    if min(height, width) != size:
+        scale = size / min(height, width)
+        new_hw = (max(size, round(height * scale)), max(size, round(width * scale)))
+        frames = F.interpolate(frames, size=new_hw, mode="bilinear", antialias=True,
+                               align_corners=False)
+        height, width = new_hw
+    top, left = (height - size) // 2, (width - size) // 2
+    return frames[..., top : top + size, left : left + size]
+
+
+def decode_clip(
+    data: bytes,
+    *,
+    url: str,
+    key: str,
+    num_frames: int | None,
+    stride: int,
+    random_start: bool,
+    rng: np.random.Generator | None,
+    size: int | None,
+    channels: int,
+) -> torch.Tensor:
+    """Decode mp4 bytes to a float32 clip `(C, F, H, W)` in [-1, 1].
+
+    `size=None` keeps the decoded resolution. `channels` is 3 (RGB) or 1 (luma). Undecodable
+    bytes raise `VideoDecodeError` naming `url` and `key`; a too-short clip raises
+    `ClipTooShortError` with the same names.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    try:
+        frames = _decode_frames(data, num_frames, stride, random_start, rng)
+    except ClipTooShortError as exc:
+        raise ClipTooShortError(f"sample {key} in shard {url}: {exc}") from exc
+    except Exception as exc:  # decord raises RuntimeError or DECORDError with long C++ traces
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise VideoDecodeError(f"cannot decode mp4 of sample {key} in shard {url}: {detail}") from exc
+    video = rearrange(torch.from_numpy(frames), "f h w c -> f c h w").float()  # (F, 3, H, W)
+    if channels == 1:
+        weights = torch.tensor(_LUMA_WEIGHTS).view(1, 3, 1, 1)
+        video = (video * weights).sum(dim=1, keepdim=True)  # (F, 1, H, W)
+    if size is not None:
+        video = _resize_center_crop(video, size)  # (F, C, size, size)
+    video = (video / 127.5 - 1.0).clamp_(-1.0, 1.0)
+    return rearrange(video, "f c h w -> c f h w").contiguous()  # (C, F, H, W)

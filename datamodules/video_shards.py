@@ -1,0 +1,345 @@
+"""`VideoShardDataModule`: batches of clips from WebDataset video shards (video2dataset layout).
+
+Each shard sample holds `KEY.mp4` (H.264), `KEY.txt` (caption) and `KEY.json` (metadata).
+Only those raw bytes are read and decoded here (mp4 with decord, txt as UTF-8, json with
+`json.loads`); nothing is ever unpickled.
+
+How a DDP run splits the data: the shard list (shuffled per epoch with a seed shared by all
+processes, so every rank sees the same order) is split first by rank (`wds.split_by_node`:
+rank r takes shards r, r + world_size, ...), then among that rank's DataLoader workers
+(`wds.split_by_worker`). Every reader therefore needs at least one shard, which `setup()`
+checks. Ranks can still end an epoch with different batch counts when shards hold different
+numbers of samples; DDP needs equal counts, which `epoch_samples` gives (a fixed number of
+batches per reader, cycling through shards). Equal counts without `epoch_samples` is left
+for a later issue.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import warnings
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import lightning
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from datamodules.shard_lists import ShardSpec, check_enough_shards, resolve_shards
+from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, decode_clip
+
+Sample = dict[str, Any]
+
+
+class SkippedSampleWarning(UserWarning):
+    """A shard sample was skipped (undecodable video, bad caption or metadata, too short)."""
+
+
+def collate_clips(samples: list[Sample]) -> dict[str, Any]:
+    """Stack decoded samples into a batch; text and metadata stay Python lists."""
+    return {
+        "video": torch.stack([s["video"] for s in samples]),  # (B, C, F, H, W)
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+    }
+
+
+class _EpochClock:
+    """The epoch of this process's copy of the pipeline.
+
+    Each pass over the pipeline is the next epoch. `requested` is shared memory written by
+    `VideoShardDataModule.set_epoch`; every process (main or worker) adopts a new request at
+    its next pass, so persistent workers follow the main process without being rebuilt.
+    """
+
+    def __init__(self, requested: Any) -> None:
+        self.requested = requested
+        self.seen_request = -1
+        self.epoch = -1
+
+    def next_pass(self) -> int:
+        request = self.requested.value
+        if request >= 0 and request != self.seen_request:
+            self.seen_request, self.epoch = request, request
+        else:
+            self.epoch += 1
+        return self.epoch
+
+
+class _ShuffleShards:
+    """Pipeline stage: start a new epoch and shuffle the shard list with (seed, epoch).
+
+    The seed ignores rank and worker, so all readers shuffle identically before splitting.
+    With `cycle`, the list repeats forever (a new order per cycle) for fixed-length epochs.
+    """
+
+    def __init__(self, clock: _EpochClock, seed: int, cycle: bool) -> None:
+        self.clock, self.seed, self.cycle = clock, seed, cycle
+
+    def __call__(self, shards: Iterator[Sample]) -> Iterator[Sample]:
+        # Not a generator: the epoch advances when the pipeline is built, before later
+        # stages create their per-epoch random generators.
+        epoch = self.clock.next_pass()
+        return self._shuffled(list(shards), epoch)
+
+    def _shuffled(self, shards: list[Sample], epoch: int) -> Iterator[Sample]:
+        for cycle in range(1_000_000_000 if self.cycle else 1):
+            order = list(shards)
+            random.Random(f"shards:{self.seed}:{epoch}:{cycle}").shuffle(order)
+            yield from (dict(shard) for shard in order)
+
+
+def _reader_seed(seed: int, epoch: int) -> list[int]:
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    return [seed, max(epoch, 0), rank, worker]
+
+
+class _ShuffleSamples:
+    """Pipeline stage: buffer-shuffle samples, seeded by (seed, epoch, rank, worker)."""
+
+    def __init__(self, clock: _EpochClock, seed: int, bufsize: int) -> None:
+        self.clock, self.seed, self.bufsize = clock, seed, bufsize
+
+    def __call__(self, samples: Iterator[Sample]) -> Iterator[Sample]:
+        rng = random.Random(":".join(map(str, ["samples", *_reader_seed(self.seed, self.clock.epoch)])))
+        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(samples)
+
+
+class _SelectFiles:
+    """Only these extensions are read out of the tar; anything else (e.g. `.pyd`) is never
+    loaded, let alone unpickled."""
+
+    def __init__(self, extensions: set[str]) -> None:
+        self.extensions = extensions
+
+    def __call__(self, name: str) -> bool:
+        return name.rsplit("/", 1)[-1].split(".", 1)[-1].lower() in self.extensions
+
+
+def _warn_and_continue(exn: Exception) -> bool:
+    """tar-level errors (truncated shard, unreadable file): warn with the shard url and go on,
+    so one bad shard does not end a long run."""
+    warnings.warn(f"skipping unreadable shard data: {exn!r}", SkippedSampleWarning, stacklevel=2)
+    return True
+
+
+class _DecodeSamples:
+    """Pipeline stage: raw shard samples -> `{"video", "caption", "key", "meta"}`.
+
+    A sample that cannot be used is skipped with one `SkippedSampleWarning` naming its shard
+    and key, and counted in the shared `skipped` counter.
+    """
+
+    def __init__(self, clock: _EpochClock | None, skipped: Any, *, caption_key: str, seed: int,
+                 num_frames: int | None, stride: int, random_start: bool, size: int | None,
+                 channels: int) -> None:
+        self.clock, self.skipped, self.caption_key, self.seed = clock, skipped, caption_key, seed
+        self.clip_options = dict(num_frames=num_frames, stride=stride, random_start=random_start,
+                                 size=size, channels=channels)
+
+    def _skip(self, message: str) -> None:
+        warnings.warn(message, SkippedSampleWarning, stacklevel=3)
+        with self.skipped.get_lock():
+            self.skipped.value += 1
+
+    def __call__(self, samples: Iterator[Sample]) -> Iterator[Sample]:
+        rng = None
+        if self.clip_options["random_start"]:
+            epoch = self.clock.epoch if self.clock is not None else 0
+            rng = np.random.default_rng(_reader_seed(self.seed, epoch))
+        for sample in samples:
+            key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+            where = f"sample {key} in shard {url}"
+            if "mp4" not in sample:
+                self._skip(f"skipping {where}: no .mp4 member")
+                continue
+            try:
+                caption = sample[self.caption_key].decode("utf-8") if self.caption_key in sample else ""
+            except UnicodeDecodeError as exc:
+                self._skip(f"skipping {where}: .{self.caption_key} is not UTF-8 ({exc.reason})")
+                continue
+            try:
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                self._skip(f"skipping {where}: .json is not valid JSON ({exc})")
+                continue
+            try:
+                video = decode_clip(sample["mp4"], url=url, key=key, rng=rng, **self.clip_options)
+            except (VideoDecodeError, ClipTooShortError) as exc:
+                self._skip(f"skipping {exc}")
+                continue
+            yield {"video": video, "caption": caption.strip(), "key": key, "meta": meta}
+
+
+class _TakeBatchesPerReader:
+    """Pipeline stage: end the epoch after this reader's share of `epoch_samples`."""
+
+    def __init__(self, epoch_samples: int, batch_size: int) -> None:
+        self.epoch_samples, self.batch_size = epoch_samples, batch_size
+
+    def __call__(self, batches: Iterator[Sample]) -> Iterator[Sample]:
+        _, world_size, _, num_workers = wds.utils.pytorch_worker_info()
+        return islice(batches, self.epoch_samples // (self.batch_size * world_size * num_workers))
+
+
+class VideoShardDataModule(lightning.LightningDataModule):
+    """Batches `{"video": (B, C, F, H, W) float32 in [-1, 1], "caption": [str], "key": [str],
+    "meta": [dict]}` from WebDataset shards of mp4/txt/json samples.
+
+    Train: shards shuffled per epoch, samples shuffled in a `shuffle_buffer`, a random start
+    frame per clip, last partial batch dropped. Validation: shard order, first frames, every
+    sample once (last partial batch kept). All randomness derives from (`seed`, epoch): the
+    epoch starts at the trainer's `current_epoch` when the train loader is made (so a resumed
+    run continues the sequence), advances by one per pass, and `set_epoch` overrides it.
+    `num_frames=None` takes every frame (at `frame_stride`); `size=None` keeps the resolution.
+    Clips shorter than `(num_frames - 1) * frame_stride + 1` are skipped with a warning.
+    """
+
+    def __init__(
+        self,
+        train_shards: ShardSpec,
+        val_shards: ShardSpec | None = None,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        num_frames: int | None = 8,
+        frame_stride: int = 2,
+        random_start: bool = True,
+        size: int | None = 16,
+        channels: int = 3,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        caption_key: str = "txt",
+        epoch_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.num_frames, self.frame_stride, self.random_start = num_frames, frame_stride, random_start
+        self.size, self.channels = size, channels
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.caption_key = caption_key.lstrip(".").lower()
+        self.epoch_samples = epoch_samples
+        self.train_urls: list[str] | None = None
+        self.val_urls: list[str] | None = None
+        # Shared memory, so DataLoader workers (forked or spawned) see epoch requests and
+        # report skipped samples back.
+        self._requested_epoch = multiprocessing.Value("q", -1)
+        self._skipped = multiprocessing.Value("q", 0)
+
+    @property
+    def num_skipped_samples(self) -> int:
+        """Samples skipped so far (bad video, caption, metadata or too short), all workers."""
+        return int(self._skipped.value)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next training pass epoch `epoch` (each later pass adds one)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._requested_epoch.value = epoch
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.world_size) if trainer is not None else 1
+
+    @staticmethod
+    def _describe(spec: ShardSpec, urls: list[str]) -> str:
+        if isinstance(spec, (str, Path)):
+            return str(spec)
+        parents = sorted({str(Path(u).parent) for u in urls})
+        return parents[0] if len(parents) == 1 else f"{len(parents)} directories"
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the shard lists and check there are enough shards for every reader, so a
+        bad config fails at start, naming the directory."""
+        world_size = self._world_size()
+        if stage in (None, "fit"):
+            self._setup_train(world_size)
+        if self.val_shards is not None and stage in (None, "fit", "validate"):
+            self.val_urls = resolve_shards(self.val_shards)
+            # Validation uses at most one worker per shard; each rank still needs a shard.
+            check_enough_shards(len(self.val_urls), 1, world_size,
+                                self._describe(self.val_shards, self.val_urls))
+
+    def _setup_train(self, world_size: int) -> None:
+        self.train_urls = resolve_shards(self.train_shards)
+        check_enough_shards(len(self.train_urls), self.num_workers, world_size,
+                            self._describe(self.train_shards, self.train_urls))
+        if self.epoch_samples is not None:
+            readers = max(self.num_workers, 1) * world_size
+            if self.epoch_samples < self.batch_size * readers:
+                raise ValueError(
+                    f"epoch_samples={self.epoch_samples} gives no batch to each of {readers} "
+                    f"readers at batch_size={self.batch_size}; raise epoch_samples"
+                )
+
+    def _decode_stage(self, clock: _EpochClock | None, train: bool) -> _DecodeSamples:
+        return _DecodeSamples(
+            clock, self._skipped, caption_key=self.caption_key, seed=self.seed,
+            num_frames=self.num_frames, stride=self.frame_stride,
+            random_start=self.random_start and train, size=self.size, channels=self.channels,
+        )
+
+    def _read_samples(self) -> Any:
+        return wds.tarfile_to_samples(
+            handler=_warn_and_continue, select_files=_SelectFiles({"mp4", "json", self.caption_key})
+        )
+
+    def train_pipeline(self) -> wds.DataPipeline:
+        """The training pipeline (an IterableDataset yielding whole batches)."""
+        if self.train_urls is None:
+            self.setup("fit")
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            self.set_epoch(int(trainer.current_epoch))
+        clock = _EpochClock(self._requested_epoch)
+        return wds.DataPipeline(
+            wds.SimpleShardList(self.train_urls),
+            _ShuffleShards(clock, self.seed, cycle=self.epoch_samples is not None),
+            wds.split_by_node,
+            wds.split_by_worker,
+            self._read_samples(),
+            _ShuffleSamples(clock, self.seed, self.shuffle_buffer) if self.shuffle_buffer > 1 else None,
+            self._decode_stage(clock, train=True),
+            wds.batched(self.batch_size, collation_fn=collate_clips, partial=False),
+            _TakeBatchesPerReader(self.epoch_samples, self.batch_size) if self.epoch_samples else None,
+        )
+
+    def val_pipeline(self) -> wds.DataPipeline:
+        """The validation pipeline: shard order, first frames, every sample once."""
+        if self.val_urls is None:
+            self.setup("validate")
+        if self.val_urls is None:
+            raise ValueError("no val_shards were given")
+        return wds.DataPipeline(
+            wds.SimpleShardList(self.val_urls),
+            wds.split_by_node,
+            wds.split_by_worker,
+            self._read_samples(),
+            self._decode_stage(None, train=False),
+            wds.batched(self.val_batch_size, collation_fn=collate_clips, partial=True),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_pipeline(), batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_shards is None:
+            return []
+        num_workers = min(self.num_workers, len(self.val_urls or resolve_shards(self.val_shards)))
+        return DataLoader(self.val_pipeline(), batch_size=None, num_workers=num_workers,
+                          persistent_workers=num_workers > 0)
