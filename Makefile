@@ -1,0 +1,35 @@
+# The two quickstart commands: `make quickstart` and `make test`. Both create the virtual
+# environment on first use (python3 -m venv + pip install -e '.[dev]') and reuse it after.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= data
+STAMP := $(VENV)/.effvid-installed
+export EFFVID_DATA := $(DATA)
+
+.PHONY: install data quickstart test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Moving digits -> mp4 files -> WebDataset shards (re-running skips finished work).
+data: $(STAMP)
+	$(BIN)/effvid-data digits --out $(DATA)/digits/videos --num-videos 2000 --num-val 64 --seed 0
+	$(BIN)/effvid-data shard --input $(DATA)/digits/videos/train --out $(DATA)/digits/shards/train --shard-size 250
+	$(BIN)/effvid-data shard --input $(DATA)/digits/videos/val --out $(DATA)/digits/shards/val --shard-size 32
+
+quickstart: data
+	$(BIN)/effvid-train experiment=digits_quickstart
+	$(BIN)/effvid-sample run=latest samples_per_prompt=2
+	$(BIN)/effvid-runs list
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(DATA) runs

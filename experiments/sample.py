@@ -1,0 +1,87 @@
+"""effvid-sample: draw videos from a trained run and write mp4s + a grid.
+
+    effvid-sample                                          # latest run, its validation prompts
+    effvid-sample run=RUN_ID prompts='[a handwritten 3 moving up]' samples_per_prompt=4
+    effvid-sample ckpt=runs/RUN_ID/checkpoints/last.ckpt sampler=ddim steps=50 guidance=2
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.run_dir import RunError, resolve_checkpoint
+from lit_models.video_logging import save_samples
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint without unpickling arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or foreign files
+        raise RunError(f"cannot read checkpoint {path}: {error}") from None
+
+
+def load_model(ckpt_path: Path, run_dir: Path) -> tuple[Any, DictConfig]:
+    """Rebuild the run's LightningModule from its config and load the (EMA) weights."""
+    checkpoint = load_checkpoint(ckpt_path)
+    stamp = checkpoint.get("effvid")
+    if stamp is not None:
+        cfg = OmegaConf.create(stamp["config"])
+    elif (run_dir / "config.yaml").exists():
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+    else:
+        raise RunError(f"{ckpt_path} is not an effvid checkpoint and {run_dir}/config.yaml is missing")
+    model = instantiate(cfg.paradigm, net=instantiate(cfg.model))
+    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    if missing or unexpected:
+        raise RunError(
+            f"checkpoint {ckpt_path} does not match the model of its config: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.eval(), cfg
+
+
+def run_sampling(cfg: DictConfig) -> dict[str, Any]:
+    run_dir, ckpt = resolve_checkpoint(cfg.ckpt or cfg.run, Path(cfg.runs_dir))
+    model, run_cfg = load_model(ckpt, run_dir)
+    prompts = list(cfg.prompts) if cfg.prompts else list(run_cfg.paradigm.get("val_prompts") or [])
+    if not prompts:
+        raise RunError("no prompts: pass prompts='[a caption, another caption]'")
+    prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    videos = model.generate(
+        prompts, sampler=cfg.sampler, steps=cfg.steps, guidance_scale=cfg.guidance,
+        seed=cfg.seed, num_frames=cfg.num_frames,
+    )  # fmt: skip
+    out = Path(cfg.out) if cfg.out else run_dir / "samples" / dt.datetime.now().strftime("sample-%Y%m%d-%H%M%S")
+    paths = save_samples(videos, prompts, out, fps=model.sample_fps)
+    scores = model.score(prompts, videos)
+    print(f"effvid-sample: {len(prompts)} videos {tuple(videos.shape[1:])} from {ckpt}")
+    print(f"  sampler={cfg.sampler} steps={cfg.steps} guidance={cfg.guidance}")
+    for name, value in scores.items():
+        print(f"  {name:24s} {value:.4f}")
+    print(f"  grid   {paths['grid']}\n  videos {out}/*.mp4")
+    return {"videos": videos, "paths": paths, "scores": scores}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+def hydra_main(cfg: DictConfig) -> None:
+    try:
+        with torch.inference_mode():
+            run_sampling(cfg)
+    except RunError as error:
+        raise SystemExit(f"effvid-sample: error: {error}") from None
+
+
+def main() -> None:
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Text-to-video: the diffusion core conditioned on open_clip text embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor, nn
+
+from lit_models.conditioning import OpenClipTextEncoder
+from lit_models.diffusion import Conditioning, DiffusionModule
+from lit_models.metrics import parse_digit_caption, score_digit_videos
+from lit_models.video_logging import save_samples
+
+
+class TextToVideo(DiffusionModule):
+    """Caption-conditioned video diffusion with classifier-free guidance.
+
+    Args:
+        text_encoder: open_clip text tower; trained with the net when `trainable`.
+        cfg_dropout: probability of replacing a caption by the empty caption in training,
+            which teaches the unconditional model that guidance needs.
+        val_prompts: prompts sampled at every validation; when they are moving-digit captions
+            the digit metric is computed on the samples.
+        val_samples_per_prompt: videos drawn per prompt.
+        video_shape: `(C, F, H, W)` of sampled videos.
+        sample_fps: frame rate of the written sample mp4s.
+        **diffusion: `DiffusionModule` arguments.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        text_encoder: OpenClipTextEncoder,
+        cfg_dropout: float = 0.1,
+        val_prompts: Sequence[str] = (),
+        val_samples_per_prompt: int = 1,
+        video_shape: Sequence[int] = (3, 8, 16, 16),
+        sample_fps: float = 4.0,
+        sample_seed: int = 0,
+        **diffusion: Any,
+    ) -> None:
+        super().__init__(net=net, **diffusion)
+        self.text_encoder = text_encoder
+        self.cfg_dropout = cfg_dropout
+        self.val_prompts = list(val_prompts)
+        self.val_samples_per_prompt = val_samples_per_prompt
+        self.video_shape = tuple(video_shape)
+        self.sample_fps = sample_fps
+        self.sample_seed = sample_seed
+
+    def encode_captions(self, captions: Sequence[str]) -> Conditioning:
+        embedding = self.text_encoder.encode(list(captions))
+        return {"context": embedding.tokens, "pooled": embedding.pooled, "context_mask": embedding.mask}
+
+    def condition(self, batch: dict[str, Any], drop: bool) -> Conditioning:
+        captions = list(batch["caption"])
+        if drop and self.cfg_dropout > 0:
+            keep = torch.rand(len(captions)) >= self.cfg_dropout
+            captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
+        return self.encode_captions(captions)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        num_frames: int | None = None,
+    ) -> Tensor:
+        """Videos `(len(prompts), C, F, H, W)` in [-1, 1] for the prompts."""
+        channels, frames, height, width = self.video_shape
+        shape = (len(prompts), channels, num_frames or frames, height, width)
+        conditioning = self.encode_captions(prompts)
+        unconditioning = self.encode_captions([""] * len(prompts))
+        generator = torch.Generator().manual_seed(seed)
+        return self.sample(shape, conditioning, unconditioning, sampler, steps, guidance_scale, generator)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.val_prompts or self.trainer.sanity_checking:
+            return
+        prompts = [p for p in self.val_prompts for _ in range(self.val_samples_per_prompt)]
+        videos = self.generate(prompts, seed=self.sample_seed)
+        for name, value in self.score(prompts, videos).items():
+            self.log(f"val/{name}", value)
+        if self.trainer.is_global_zero:
+            self.write_samples(prompts, videos)
+
+    def score(self, prompts: Sequence[str], videos: Tensor) -> dict[str, float]:
+        """Digit metric when every prompt is a moving-digit caption, else nothing."""
+        parsed = [parse_digit_caption(p) for p in prompts]
+        if not parsed or any(p is None for p in parsed):
+            return {}
+        digits, directions = zip(*parsed)
+        return score_digit_videos(videos, list(digits), list(directions))
+
+    def write_samples(self, prompts: Sequence[str], videos: Tensor) -> None:
+        out_dir = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:06d}"
+        paths = save_samples(videos, prompts, out_dir, fps=self.sample_fps)
+        logger = self.logger
+        if isinstance(logger, WandbLogger):
+            logger.log_image("samples/grid", [str(paths["grid"])], step=self.global_step)
+            videos_to_log = paths["videos"][: len(self.val_prompts)]
+            logger.log_video(
+                "samples/videos",
+                [str(p) for p in videos_to_log],
+                step=self.global_step,
+                caption=list(prompts[: len(videos_to_log)]),
+            )
