@@ -82,12 +82,15 @@ def check_resumable(run_dir: Path, overrides: dict[str, str]) -> None:
 def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:
     """Instantiate datamodule, LightningModule and Trainer from the composed config."""
     import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.paradigm, net=instantiate(cfg.model))
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not logger:  # Lightning refuses a LearningRateMonitor without a logger; nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(
         RunRecorder(run_dir, cfg.run_id, OmegaConf.to_container(cfg), cfg.get("experiment_name"))
     )

@@ -67,6 +67,9 @@ class OpenClipTextEncoder(nn.Module):
         embed_dim: width of the pooled feature for `text_cfg` towers.
         trainable: train the tower with the model; otherwise it is frozen, kept in eval mode
             and run without gradients.
+        freeze_token_embedding: when trainable, keep the 49408-row token table fixed. On a
+            CPU, AdamW's dense update of that table costs more than the rest of a tiny tower;
+            random fixed token vectors stay distinguishable and the layers above learn.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class OpenClipTextEncoder(nn.Module):
         text_cfg: dict[str, Any] | None = None,
         embed_dim: int | None = None,
         trainable: bool = False,
+        freeze_token_embedding: bool = False,
     ) -> None:
         super().__init__()
         if text_cfg is not None:
@@ -100,6 +104,8 @@ class OpenClipTextEncoder(nn.Module):
         if not trainable:
             self.requires_grad_(False)
             self.eval()
+        elif freeze_token_embedding:
+            self.text.token_embedding.requires_grad_(False)
 
     @property
     def token_dim(self) -> int:
