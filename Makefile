@@ -25,7 +25,7 @@ data: $(STAMP)
 
 quickstart: data
 	$(BIN)/effvid-train experiment=digits_quickstart
-	$(BIN)/effvid-sample run=latest samples_per_prompt=2
+	$(BIN)/effvid-sample run=latest samples_per_prompt=3
 	$(BIN)/effvid-runs list
 
 test: $(STAMP)

@@ -55,15 +55,17 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     if not prompts:
         raise RunError("no prompts: pass prompts='[a caption, another caption]'")
     prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    sampler = cfg.sampler or model.sampler
+    steps = cfg.steps or model.sample_steps
+    guidance = model.guidance_scale if cfg.guidance is None else cfg.guidance
     videos = model.generate(
-        prompts, sampler=cfg.sampler, steps=cfg.steps, guidance_scale=cfg.guidance,
-        seed=cfg.seed, num_frames=cfg.num_frames,
-    )  # fmt: skip
+        prompts, sampler=sampler, steps=steps, guidance_scale=guidance, seed=cfg.seed, num_frames=cfg.num_frames
+    )
     out = Path(cfg.out) if cfg.out else run_dir / "samples" / dt.datetime.now().strftime("sample-%Y%m%d-%H%M%S")
     paths = save_samples(videos, prompts, out, fps=model.sample_fps)
     scores = model.score(prompts, videos)
     print(f"effvid-sample: {len(prompts)} videos {tuple(videos.shape[1:])} from {ckpt}")
-    print(f"  sampler={cfg.sampler} steps={cfg.steps} guidance={cfg.guidance}")
+    print(f"  sampler={sampler} steps={steps} guidance={guidance}")
     for name, value in scores.items():
         print(f"  {name:24s} {value:.4f}")
     print(f"  grid   {paths['grid']}\n  videos {out}/*.mp4")
