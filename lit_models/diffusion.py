@@ -1,7 +1,8 @@
 """The diffusion core every paradigm builds on: noising, targets, loss weighting, sampling.
 
 A paradigm subclasses `DiffusionModule` and says two things: how a batch becomes network
-conditioning (`condition`) and what it does with samples at validation (`on_validation_epoch_end`).
+conditioning (`condition`) and what it does with samples at validation
+(`on_validation_epoch_start`, when the EMA weights are in place).
 Noise schedules and samplers are diffusers schedulers, so a model trained here samples with
 any of diffusers' solvers.
 """

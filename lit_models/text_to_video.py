@@ -80,7 +80,11 @@ class TextToVideo(DiffusionModule):
         generator = torch.Generator().manual_seed(seed)
         return self.sample(shape, conditioning, unconditioning, sampler, steps, guidance_scale, generator)
 
-    def on_validation_epoch_end(self) -> None:
+    def on_validation_epoch_start(self) -> None:
+        # Sample here, not at epoch end: Lightning runs callback hooks before the module's,
+        # so EMAWeightAveraging has swapped the averaged weights in by now and swaps them back
+        # out before the module's on_validation_epoch_end. Samples then come from the same
+        # (EMA) weights that checkpoints hold and effvid-sample loads.
         if not self.val_prompts or self.trainer.sanity_checking:
             return
         prompts = [p for p in self.val_prompts for _ in range(self.val_samples_per_prompt)]

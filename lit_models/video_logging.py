@@ -29,7 +29,7 @@ def video_grid(videos: Tensor, captions: Sequence[str] | None = None, scale: int
     """One row per video, one column per frame, the caption at the left of its row."""
     frames = to_uint8_frames(videos, scale)  # (B, F, H, W, 3)
     num_videos, num_frames, height, width, _ = frames.shape
-    label_width = 190 if captions else 0
+    label_width = 230 if captions else 0
     pad = 2
     grid = Image.new(
         "RGB", (label_width + num_frames * (width + pad), num_videos * (height + pad)), (40, 40, 40)
@@ -39,7 +39,7 @@ def video_grid(videos: Tensor, captions: Sequence[str] | None = None, scale: int
     for i in range(num_videos):
         top = i * (height + pad)
         if captions:
-            draw.text((4, top + height // 2 - 6), captions[i][:32], fill=(230, 230, 230), font=font)
+            draw.text((4, top + height // 2 - 6), captions[i][:38], fill=(230, 230, 230), font=font)
         for j in range(num_frames):
             grid.paste(Image.fromarray(frames[i, j]), (label_width + j * (width + pad), top))
     return grid

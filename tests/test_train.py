@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 
+from data_tools.video_io import decode_mp4
 from experiments.run_dir import RunError
 from experiments.train import prepare_argv, run_training
 from tests.conftest import tiny_overrides
@@ -81,6 +83,17 @@ def test_resume_continues_step_optimizer_and_wandb_run(runs: Path, digits_data_r
 
     steps = [row[STEP_KEY] for row in load_history(runs / "a") if "train/loss" in row]
     assert steps == sorted(set(steps)) and steps[-1] >= 5  # one continuous curve
+
+
+def test_validation_samples_come_from_the_checkpointed_ema_weights(runs: Path, tmp_path: Path) -> None:
+    # effvid-sample loads last.ckpt's state_dict (the EMA weights); with the run's prompts and
+    # seed it must redraw exactly the videos that validation wrote at the same step.
+    cli("experiments.sample", f"runs_dir={runs}", "run=b", f"out={tmp_path}")
+    validation = sorted((runs / "b" / "samples" / "step_000004").glob("*.mp4"))
+    resampled = sorted(tmp_path.glob("*.mp4"))
+    assert [p.name for p in resampled] == [p.name for p in validation]
+    for ours, theirs in zip(resampled, validation):
+        assert np.array_equal(decode_mp4(ours), decode_mp4(theirs)), ours.name
 
 
 def test_sample_writes_requested_videos_from_a_run(runs: Path, tmp_path: Path) -> None:
