@@ -115,9 +115,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml")
-    status = update_run_status(run_dir, run_id=cfg.run_id, experiment=cfg.get("experiment_name"))
-    if "created" not in status:
-        update_run_status(run_dir, created=dt.datetime.now().isoformat(timespec="seconds"))
+    created = read_run_status(run_dir).get("created") or dt.datetime.now().isoformat(timespec="seconds")
+    update_run_status(run_dir, run_id=cfg.run_id, experiment=cfg.get("experiment_name"), created=created)
     if trainer.logger:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     print(f"effvid: run {cfg.run_id} -> {run_dir}" + (f" (resuming {cfg.resume})" if resuming else ""))
