@@ -7,6 +7,7 @@ The digit never leaves the canvas and never bounces, so its caption is true for 
 
 from __future__ import annotations
 
+import io
 import json
 import zlib
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from data_tools.atomic_files import write_atomic
 from data_tools.video_io import write_mp4
 
 # Unit (dy, dx) in image coordinates: y grows downwards, so "up" is dy = -1.
@@ -198,12 +200,6 @@ def make_digit_image(
     return _to_uint8(_render(glyph, canvas, *position)), meta
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _meta_json(meta: dict[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, indent=1) + "\n"
 
@@ -237,8 +233,8 @@ def write_digit_video(
     meta_text = _meta_json(meta)
     if not _is_complete(mp4, txt, meta_path, meta_text):
         write_mp4(mp4, frames, fps=fps, crf=crf)
-        _write_text_atomic(txt, caption_for(meta["digit"], meta["direction"]))
-        _write_text_atomic(meta_path, meta_text)
+        write_atomic(txt, caption_for(meta["digit"], meta["direction"]))
+        write_atomic(meta_path, meta_text)
     return mp4
 
 
@@ -283,12 +279,12 @@ def write_digit_image(
     png, txt, meta_path = stem.with_suffix(".png"), stem.with_suffix(".txt"), stem.with_suffix(".json")
     meta_text = _meta_json(meta)
     if not _is_complete(png, txt, meta_path, meta_text):
-        tmp = png.with_name(png.name + ".tmp")
         # RGB like the videos, so image and video samples decode to the same channel count.
-        Image.fromarray(np.repeat(pixels[..., None], 3, axis=-1), mode="RGB").save(tmp, format="PNG")
-        tmp.replace(png)
-        _write_text_atomic(txt, image_caption_for(meta["digit"]))
-        _write_text_atomic(meta_path, meta_text)
+        buffer = io.BytesIO()
+        Image.fromarray(np.repeat(pixels[..., None], 3, axis=-1), mode="RGB").save(buffer, format="PNG")
+        write_atomic(png, buffer.getvalue())
+        write_atomic(txt, image_caption_for(meta["digit"]))
+        write_atomic(meta_path, meta_text)
     return png
 
 

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from data_tools.atomic_files import write_atomic
 from data_tools.probe import ProbeError, probe_image, probe_video
 from data_tools.stages import DROPPED, FAILED, ClipRecord, Stage, run_stages
 
@@ -113,9 +114,7 @@ IMAGE_STAGES: tuple[Stage, ...] = (probe_image_stage, read_sidecars)
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(payload, indent=1, sort_keys=True) + "\n")
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:

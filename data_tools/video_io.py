@@ -8,6 +8,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from data_tools.atomic_files import write_atomic
+
 
 def encode_mp4(frames: np.ndarray, fps: float = 8.0, crf: int = 10) -> bytes:
     """Encode uint8 frames `(F, H, W, 3)` (or `(F, H, W)` grayscale) to H.264 mp4 bytes.
@@ -44,10 +46,7 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 8.0, crf: int =
     leaves a truncated mp4 behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(encode_mp4(frames, fps=fps, crf=crf))
-    tmp.replace(path)
-    return path
+    return write_atomic(path, encode_mp4(frames, fps=fps, crf=crf))
 
 
 def decode_mp4(data: bytes | str | Path) -> np.ndarray:

@@ -17,6 +17,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from data_tools.atomic_files import write_atomic
+
 RUNS_ENV = "EFFVID_RUNS"
 
 
@@ -34,9 +36,7 @@ def new_run_id() -> str:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_run_status(run_dir: Path) -> dict[str, Any]:

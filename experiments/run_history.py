@@ -70,11 +70,6 @@ class RunInfo:
     global_step: int | None
 
 
-def default_runs_dir() -> Path:
-    """``$EFFVID_RUNS`` if set, else ``./runs`` (the same default as effvid-train)."""
-    return Path(os.environ.get("EFFVID_RUNS", "runs"))
-
-
 def find_runs(runs_dir: Path) -> list[RunInfo]:
     """Runs under ``runs_dir``, oldest first. Folders without run.json are not runs.
 

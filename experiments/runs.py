@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from experiments.run_dir import runs_root
 from experiments.run_history import (
     MISSING,
     History,
@@ -20,7 +21,6 @@ from experiments.run_history import (
     RunNotFoundError,
     WandbReadError,
     config_differences,
-    default_runs_dir,
     find_runs,
     get_run,
     load_flat_config,
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``effvid-runs``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    args.runs_dir = args.runs_dir if args.runs_dir is not None else default_runs_dir()
+    args.runs_dir = runs_root(args.runs_dir)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
