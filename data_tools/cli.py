@@ -8,6 +8,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from data_tools.curation_cli import add_curation_commands, run_curate, run_inspect
+from data_tools.curation_config import CurationConfigError
 from data_tools.probe import ProbeError
 from data_tools.shards import ShardInputError
 from data_tools.stages import default_workers
@@ -19,6 +21,8 @@ examples:
   effvid-data shard --input data/digits/val --out data/shards/val
   effvid-data digits --images --out data/digit_images --num-videos 5000
   effvid-data images --input data/digit_images/train --out data/shards/images
+  effvid-data curate --input raw_videos/ --out data/curated --config curation.yaml
+  effvid-data inspect data/curated
 """
 
 _DIGITS_HELP = """\
@@ -73,7 +77,7 @@ def _non_negative_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="effvid-data",
-        description="Make the embedded moving-digits dataset and write WebDataset shards.",
+        description="Make the embedded moving-digits dataset, curate raw videos and write WebDataset shards.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -101,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", required=True, type=Path, help="folder for shard-NNNNNN.tar, manifests and _stats.json")
         sub.add_argument("--shard-size", type=_positive_int, default=256, help="inputs per shard (default 256)")
         sub.add_argument("--workers", type=_positive_int, default=default_workers(), help="processes (default min(4, CPUs))")
+    add_curation_commands(commands, _positive_int)
     return parser
 
 
@@ -141,9 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "digits":
             _run_digits(args)
+        elif args.command == "curate":
+            run_curate(args)
+        elif args.command == "inspect":
+            run_inspect(args)
         else:
             _run_shards(args)
-    except (UsageError, ShardInputError, ProbeError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+    except (UsageError, ShardInputError, ProbeError, CurationConfigError, FileNotFoundError, NotADirectoryError,
+            PermissionError) as error:
         print(f"effvid-data {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

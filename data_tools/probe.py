@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,14 @@ class VideoProbe:
         return asdict(self)
 
 
-def probe_video(path: str | Path, data: bytes | None = None) -> VideoProbe:
+def probe_video(
+    path: str | Path, data: bytes | None = None, on_frame: Callable[[av.VideoFrame], None] | None = None
+) -> VideoProbe:
     """Decode every frame of the video at `path` (or of `data`, named `path`) and report it.
 
-    Raises `VideoProbeError` for an unreadable file, no video stream, or zero decodable frames.
+    `on_frame` sees each decoded frame in order, so an analysis (cut detection) shares this
+    one decoding pass. Raises `VideoProbeError` for an unreadable file, no video stream, or
+    zero decodable frames.
     """
     source = io.BytesIO(data) if data is not None else str(path)
     try:
@@ -58,7 +63,11 @@ def probe_video(path: str | Path, data: bytes | None = None) -> VideoProbe:
             stream = container.streams.video[0]
             # One decoding thread: these clips are tiny and thread start-up dominates otherwise.
             stream.codec_context.thread_count = 1
-            num_frames = sum(1 for _ in container.decode(stream))
+            num_frames = 0
+            for frame in container.decode(stream):
+                if on_frame is not None:
+                    on_frame(frame)
+                num_frames += 1
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 0.0
             width, height = stream.codec_context.width, stream.codec_context.height

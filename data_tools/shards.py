@@ -14,10 +14,10 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from data_tools.atomic_files import write_atomic
 from data_tools.probe import ProbeError, probe_image, probe_video
@@ -165,31 +165,57 @@ def _report(message: str) -> None:
     tqdm.write(message, file=sys.stderr)  # keeps the progress bar intact
 
 
-def write_shards(
-    inputs: Sequence[Path],
+class SampleGate(Protocol):
+    """A check that needs every earlier sample of the run (deduplication). It runs in the
+    writing process, over records in input order, and is restored from finished shards."""
+
+    def restore(self, manifest: dict[str, Any]) -> None: ...
+
+    def __call__(self, record: ClipRecord) -> ClipRecord: ...
+
+    def manifest_fields(self, written: list[ClipRecord]) -> dict[str, Any]: ...
+
+
+def _input_entry(source: str, records: list[ClipRecord], written: int) -> dict[str, Any]:
+    """One input's line in the manifest: ok when it gave a sample, else the first reason."""
+    if written:
+        return {"path": source, "status": "ok", "samples": written, "reason": ""}
+    problem = next((r for r in records if r.status == FAILED), None) or next((r for r in records if not r.ok), None)
+    status = problem.status if problem is not None else DROPPED
+    return {"path": source, "status": status, "samples": 0, "reason": problem.reason if problem else "no samples"}
+
+
+def _reason_counts(entries: list[dict[str, Any]]) -> dict[str, int]:
+    """How many samples each stage dropped: reasons read "stage: detail"."""
+    counts: dict[str, int] = {}
+    for entry in entries:
+        stage = entry["reason"].split(":", 1)[0] if ":" in entry["reason"] else entry["reason"]
+        counts[stage] = counts.get(stage, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write_planned_shards(
+    plan: Sequence[Sequence[str]],
     out_dir: str | Path,
-    make_record: Callable[[Path], ClipRecord],
-    stages: Sequence[Stage],
-    shard_size: int = 256,
-    workers: int | None = None,
+    process: Callable[[list[int]], Iterator[list[ClipRecord]]],
+    gate: SampleGate | None = None,
     progress: bool = True,
+    extra_stats: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run `stages` over `inputs` and write the records that pass into tar shards in
-    `out_dir`, skipping shards already complete. Returns the totals also saved as `_stats.json`."""
+    """Write shard i from the records of the inputs `plan[i]` (their sources), skipping
+    shards already complete. `process(pending)` yields, for every input of the pending shards
+    in order, the list of records it gave (one for a file packed as is, any number for a video
+    cut into clips). Records that pass `gate` are written; the rest are listed with their
+    reasons. Returns the totals also saved as `_stats.json`."""
     import webdataset as wds
     from tqdm import tqdm
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_shards(inputs, shard_size)
-    keys = [sample_key(p) for p in inputs]
-    if len(set(keys)) != len(keys):
-        clash = sorted({k for k in keys if keys.count(k) > 1})[:5]
-        raise ShardInputError(f"inputs share sample keys {clash}: rename the files so their stems differ")
     _remove_stale_files(out_dir, len(plan))
 
-    sources = [[str(p.resolve()) for p in chunk] for chunk in plan]
+    sources = [list(chunk) for chunk in plan]
     manifests: dict[int, dict[str, Any]] = {}
     pending = []
     for index, chunk_sources in enumerate(sources):
@@ -200,32 +226,51 @@ def write_shards(
             pending.append(index)
             # A shard being rewritten must never look finished next to its old manifest.
             (out_dir / f"{shard_name(index)}.manifest.json").unlink(missing_ok=True)
+    if gate is not None:
+        for index in sorted(manifests):
+            if index < (pending[0] if pending else len(plan)):
+                gate.restore(manifests[index])
 
-    records = (make_record(path) for index in pending for path in plan[index])
-    results = run_stages(records, stages, workers=workers)
-    bar = tqdm(total=sum(len(plan[i]) for i in pending), desc="shards", unit="clip", disable=not progress)
-    for index in pending:
+    results = process(pending)
+    bar = tqdm(total=sum(len(plan[i]) for i in pending), desc="inputs", unit="input", disable=not progress)
+    total_written = 0
+    for position, index in enumerate(pending):
+        if gate is not None and position > 0:
+            # Finished shards after a rewritten one come later in input order.
+            for done in range(pending[position - 1] + 1, index):
+                gate.restore(manifests[done])
         name = shard_name(index)
         tar, tmp = out_dir / f"{name}.tar", out_dir / f"{name}.tar.tmp"
-        written, failed, dropped = [], [], []
+        written: list[ClipRecord] = []
+        failed, dropped, inputs = [], [], []
         try:
             with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as writer:
-                for _ in plan[index]:
-                    record = next(results)
+                for source in sources[index]:
+                    records = []
+                    input_written = 0
+                    for record in next(results):
+                        if record.ok and gate is not None:
+                            record = gate(record)
+                        if record.ok:
+                            try:
+                                sample = _sample(record)
+                            except OSError as error:  # vanished or unreadable since it was probed
+                                record = replace(record, status=FAILED, reason=f"cannot read: {error.strerror or error}")
+                            else:
+                                writer.write(sample)
+                                written.append(record)
+                                records.append(record)
+                                input_written += 1
+                                continue
+                        records.append(record)
+                        entry = {"path": record.source, "key": record.key, "reason": record.reason}
+                        (dropped if record.status == DROPPED else failed).append(entry)
+                        if record.status != DROPPED:
+                            _report(f"effvid-data: skipped {record.source}: {record.reason}")
+                    inputs.append(_input_entry(source, records, input_written))
+                    total_written += input_written
                     bar.update()
-                    if record.ok:
-                        try:
-                            sample = _sample(record)
-                        except OSError as error:  # vanished or unreadable since it was probed
-                            record = replace(record, status=FAILED, reason=f"cannot read: {error.strerror or error}")
-                        else:
-                            writer.write(sample)
-                            written.append(record.key)
-                            continue
-                    entry = {"path": record.source, "reason": record.reason}
-                    (dropped if record.status == DROPPED else failed).append(entry)
-                    if record.status != DROPPED:
-                        _report(f"effvid-data: skipped {record.source}: {record.reason}")
+                    bar.set_postfix(samples=total_written, refresh=False)
         except BaseException:
             tmp.unlink(missing_ok=True)  # never leave a half-written shard behind
             raise
@@ -233,32 +278,65 @@ def write_shards(
         manifest = {
             "shard": f"{name}.tar",
             "num_samples": len(written),
-            "keys": written,
+            "keys": [r.key for r in written],
             "sources": sources[index],
+            "inputs": inputs,
             "failed": failed,
             "dropped": dropped,
             "bytes": tar.stat().st_size,
+            **(gate.manifest_fields(written) if gate is not None else {}),
         }
         _write_json_atomic(out_dir / f"{name}.manifest.json", manifest)
         manifests[index] = manifest
     bar.close()
 
     ordered = [manifests[i] for i in range(len(plan))]
-    failed_paths = [entry["path"] for m in ordered for entry in m.get("failed", [])]
+    failed_entries = [entry for m in ordered for entry in m.get("failed", [])]
+    dropped_entries = [entry for m in ordered for entry in m.get("dropped", [])]
+    input_entries = [entry for m in ordered for entry in m.get("inputs", [])]
     stats = {
-        "inputs": len(inputs),
+        "inputs": sum(len(chunk) for chunk in sources),
+        "inputs_failed": sum(e["status"] == FAILED for e in input_entries),
+        "inputs_without_samples": sum(e["status"] == DROPPED for e in input_entries),
         "written": sum(m["num_samples"] for m in ordered),
-        "failed": len(failed_paths),
-        "failed_paths": failed_paths,
-        "dropped": sum(len(m.get("dropped", [])) for m in ordered),
+        "failed": len(failed_entries),
+        "failed_paths": sorted({entry["path"] for entry in failed_entries}),
+        "dropped": len(dropped_entries),
+        "dropped_by": _reason_counts(dropped_entries),
+        "failed_by": _reason_counts(failed_entries),
         "shards": len(plan),
         "shards_written": len(pending),
         "shards_skipped": len(plan) - len(pending),
-        "shard_size": shard_size,
+        **(extra_stats or {}),
         "seconds": round(time.perf_counter() - started, 3),
     }
     _write_json_atomic(out_dir / STATS_NAME, stats)
     return stats
+
+
+def write_shards(
+    inputs: Sequence[Path],
+    out_dir: str | Path,
+    make_record: Callable[[Path], ClipRecord],
+    stages: Sequence[Stage],
+    shard_size: int = 256,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run `stages` over `inputs` (one sample each) and write the records that pass into tar
+    shards in `out_dir`, skipping shards already complete."""
+    plan = plan_shards(inputs, shard_size)
+    keys = [sample_key(p) for p in inputs]
+    if len(set(keys)) != len(keys):
+        clash = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        raise ShardInputError(f"inputs share sample keys {clash}: rename the files so their stems differ")
+
+    def process(pending: list[int]) -> Iterator[list[ClipRecord]]:
+        records = (make_record(path) for index in pending for path in plan[index])
+        return ([record] for record in run_stages(records, stages, workers=workers))
+
+    sources = [[str(p.resolve()) for p in chunk] for chunk in plan]
+    return write_planned_shards(sources, out_dir, process, progress=progress, extra_stats={"shard_size": shard_size})
 
 
 def video_record(path: Path) -> ClipRecord:
