@@ -121,7 +121,7 @@ def _clip_meta(scan: VideoScan, span: ClipSpan, clip: int, frames: np.ndarray, f
 def _filter_reason(scores: dict[str, Any], config: CurationConfig) -> str | None:
     filters = config.filters
     for name, bounds in (
-        ("motion", filters.motion), ("sharpness", filters.sharpness), ("brightness", filters.brightness),
+        ("motion", filters.motion), ("brightness", filters.brightness), ("sharpness", filters.sharpness),
         ("text_area", filters.text_area), ("clip_similarity", config.clip_score.similarity),
         ("aesthetic", config.clip_score.aesthetic),
     ):

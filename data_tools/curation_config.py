@@ -46,7 +46,7 @@ class FiltersConfig:
     # static clips, `max` drops jittery ones (camera shake, flashes).
     motion: BoundsConfig = field(default_factory=lambda: BoundsConfig(min=0.1, max=20.0))
     # Variance of the Laplacian of the grayscale keyframes at output size (higher is sharper).
-    sharpness: BoundsConfig = field(default_factory=lambda: BoundsConfig(min=30.0))
+    sharpness: BoundsConfig = field(default_factory=lambda: BoundsConfig(min=50.0))
     # Mean luma of the keyframes, 0..255.
     brightness: BoundsConfig = field(default_factory=lambda: BoundsConfig(min=10.0, max=245.0))
     motion_width: int = 128  # optical flow runs on frames downscaled to this width

@@ -144,8 +144,9 @@ class _DecodeSamples:
         self.clip_options = dict(num_frames=num_frames, stride=stride, random_start=random_start,
                                  size=size, channels=channels)
 
-    def _skip(self, message: str) -> None:
-        warnings.warn(message, SkippedSampleWarning, stacklevel=3)
+    def _skip(self, message: str, warn: bool = True) -> None:
+        if warn:
+            warnings.warn(message, SkippedSampleWarning, stacklevel=3)
         with self.skipped.get_lock():
             self.skipped.value += 1
 
@@ -158,7 +159,8 @@ class _DecodeSamples:
             key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
             where = f"sample {key} in shard {url}"
             if "mp4" not in sample:
-                self._skip(f"skipping {where}: no .mp4 member")
+                # video2dataset keeps failed downloads as json-only samples: counted, not warned about.
+                self._skip(f"skipping {where}: no .mp4 member", warn=not _is_failed_download(sample))
                 continue
             try:
                 caption = sample[self.caption_key].decode("utf-8") if self.caption_key in sample else ""
@@ -176,6 +178,13 @@ class _DecodeSamples:
                 self._skip(f"skipping {exc}")
                 continue
             yield {"video": video, "caption": caption.strip(), "key": key, "meta": meta}
+
+
+def _is_failed_download(sample: Sample) -> bool:
+    try:
+        return json.loads(sample.get("json", b"{}")).get("status", "success") != "success"
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 class _TakeBatchesPerReader:
