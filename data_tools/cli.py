@@ -50,7 +50,8 @@ example: effvid-data shard --input data/digits/train --out data/shards/train --s
 _IMAGES_HELP = """\
 Like `shard`, for still images: packs every *.jpg / *.jpeg / *.png in INPUT with its
 NAME.txt and NAME.json into img2dataset-layout shards (KEY.jpg or KEY.png, KEY.txt, KEY.json
-with width and height), plus manifests and OUT/_stats.json.
+with width, height, original_width, original_height and sha256 of the stored bytes), plus
+manifests and OUT/_stats.json. --image-format jpg re-encodes PNGs to JPEG (quality 95).
 
 example: effvid-data images --input data/digit_images/train --out data/shards/images
 """
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", required=True, type=Path, help="folder for shard-NNNNNN.tar, manifests and _stats.json")
         sub.add_argument("--shard-size", type=_positive_int, default=256, help="inputs per shard (default 256)")
         sub.add_argument("--workers", type=_positive_int, default=default_workers(), help="processes (default min(4, CPUs))")
+    commands.choices["images"].add_argument(
+        "--image-format", choices=("keep", "jpg"), default="keep",
+        help="keep: store each file's bytes (PNG stays .png); jpg: re-encode to JPEG like img2dataset (default keep)")
     add_curation_commands(commands, _positive_int)
     return parser
 
@@ -133,8 +137,11 @@ def _run_digits(args: argparse.Namespace) -> None:
 def _run_shards(args: argparse.Namespace) -> None:
     from data_tools.shards import shard_images, shard_videos
 
-    shard = shard_images if args.command == "images" else shard_videos
-    stats = shard(args.input, args.out, shard_size=args.shard_size, workers=args.workers, progress=True)
+    if args.command == "images":
+        stats = shard_images(args.input, args.out, shard_size=args.shard_size, workers=args.workers, progress=True,
+                             image_format=args.image_format)
+    else:
+        stats = shard_videos(args.input, args.out, shard_size=args.shard_size, workers=args.workers, progress=True)
     print(
         f"wrote {stats['written']} of {stats['inputs']} samples to {stats['shards']} shards in {args.out} "
         f"({stats['shards_skipped']} already complete, {stats['failed']} failed) in {stats['seconds']:.1f} s"

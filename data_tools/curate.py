@@ -186,7 +186,9 @@ def plan_notes(config: CurationConfig) -> list[str]:
     notes = []
     if not config.clip_score.model:
         notes.append("clip_similarity and aesthetic: skipped (no open_clip weights named; set clip_score.model and clip_score.pretrained)")
-    elif config.clip_score.aesthetic_head is None:
+    elif config.clip_score.pretrained is None:
+        notes.append(f"clip scores use a randomly initialised {config.clip_score.model} (no clip_score.pretrained): not meaningful")
+    if config.clip_score.model and config.clip_score.aesthetic_head is None:
         notes.append("aesthetic: skipped (no clip_score.aesthetic_head)")
     if config.filters.ocr:
         notes.append("text_area: skipped (OCR scoring is not available in this version)")

@@ -62,7 +62,8 @@ class ClipScoreConfig:
     # open_clip architecture and weights (a tag or a local file). Unset: CLIP scores are
     # skipped with a note in the run summary (weights are never downloaded implicitly).
     model: str | None = None
-    pretrained: str | None = None
+    pretrained: str | None = None  # null with a model: random weights (for tests only)
+    model_config: str | None = None  # JSON file of an open_clip model config, for custom architectures
     # A linear aesthetic head over the image embedding (.pt/.pth/.safetensors holding
     # `weight` (1, D) and `bias` (1,)), e.g. the LAION aesthetic predictor's last layer.
     aesthetic_head: str | None = None

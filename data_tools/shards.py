@@ -10,6 +10,8 @@ renamed when complete; its manifest `shard-NNNNNN.manifest.json` is written afte
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 import sys
@@ -106,8 +108,36 @@ def read_sidecars(record: ClipRecord) -> ClipRecord:
     return replace(record, caption=caption, meta={**meta, **record.meta})
 
 
+def reencode_jpeg(record: ClipRecord, quality: int = 95) -> ClipRecord:
+    """Re-encode a non-JPEG image as JPEG (img2dataset's default output format), keeping the
+    original format in the meta."""
+    if record.ext == "jpg":
+        return record
+    from PIL import Image
+
+    with Image.open(io.BytesIO(record.media_bytes())) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    meta = {**record.meta, "original_format": record.ext}
+    return replace(record, data=buffer.getvalue(), ext="jpg", meta=meta)
+
+
+def fingerprint_image(record: ClipRecord) -> ClipRecord:
+    """img2dataset's json fields: sha256 of the stored image bytes and the original width and
+    height (equal to width and height: images are never resized here)."""
+    data = record.media_bytes()
+    meta = {
+        **record.meta,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "original_width": record.meta.get("width"),
+        "original_height": record.meta.get("height"),
+    }
+    return replace(record, data=data, meta=meta)
+
+
 VIDEO_STAGES: tuple[Stage, ...] = (probe_video_stage, read_sidecars)
-IMAGE_STAGES: tuple[Stage, ...] = (probe_image_stage, read_sidecars)
+IMAGE_STAGES: tuple[Stage, ...] = (probe_image_stage, read_sidecars, fingerprint_image)
+IMAGE_TO_JPEG_STAGES: tuple[Stage, ...] = (probe_image_stage, read_sidecars, reencode_jpeg, fingerprint_image)
 
 
 # --- writing ----------------------------------------------------------------------------
@@ -358,8 +388,13 @@ def shard_videos(
 
 
 def shard_images(
-    input_dir: str | Path, out_dir: str | Path, shard_size: int = 256, workers: int | None = None, progress: bool = True
+    input_dir: str | Path, out_dir: str | Path, shard_size: int = 256, workers: int | None = None, progress: bool = True,
+    image_format: str = "keep",
 ) -> dict[str, Any]:
-    """Shard every `*.jpg` / `*.jpeg` / `*.png` in `input_dir` (with sidecars) into `out_dir`."""
+    """Shard every `*.jpg` / `*.jpeg` / `*.png` in `input_dir` (with sidecars) into `out_dir`;
+    `image_format="jpg"` re-encodes PNGs as JPEG like img2dataset, "keep" stores the bytes."""
+    if image_format not in ("keep", "jpg"):
+        raise ShardInputError(f"image_format must be 'keep' or 'jpg', got {image_format!r}")
     inputs = list_inputs(input_dir, IMAGE_SUFFIXES)
-    return write_shards(inputs, out_dir, image_record, IMAGE_STAGES, shard_size, workers, progress)
+    stages = IMAGE_TO_JPEG_STAGES if image_format == "jpg" else IMAGE_STAGES
+    return write_shards(inputs, out_dir, image_record, stages, shard_size, workers, progress)
