@@ -6,7 +6,7 @@ input order: near-duplicate removal, then the shard writer of `data_tools.shards
 (atomic tars, per-shard manifests, `_stats.json`), then `manifest.jsonl` (every input with
 its status and reason) and the run summary. Shard i holds the clips of inputs
 i*N .. (i+1)*N-1, so a re-run after a crash rewrites only unfinished shards and the result
-equals an uninterrupted run.
+holds the same clips as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -143,9 +143,10 @@ def process_input(item: CurateInput, config: CurationConfig) -> list[ClipRecord]
     except ProbeError as error:
         return [ClipRecord(key=item.key, source=item.path, status=FAILED, reason=f"probe: {error.reason}")]
     spans, skipped = plan_clips(scan, config.clips)
+    # Scenes (or remainders) outside the duration bounds are listed as drops of this input.
+    records = [ClipRecord(key=item.key, source=item.path, status=DROPPED, reason=f"clips: {reason}") for reason in skipped]
     if not spans:
-        reason = skipped[0] if skipped else "no clip"
-        return [ClipRecord(key=item.key, source=item.path, status=DROPPED, reason=f"clips: {reason}")]
+        return records or [ClipRecord(key=item.key, source=item.path, status=DROPPED, reason="clips: no clip")]
 
     fps = config.clips.fps if config.clips.fps is not None else scan.probe.fps
     scorer = None
@@ -153,7 +154,6 @@ def process_input(item: CurateInput, config: CurationConfig) -> list[ClipRecord]
         from data_tools.clip_scores import clip_scorer
 
         scorer = clip_scorer(config.clip_score)
-    records = []
     try:
         for clip, (span, frames) in enumerate(zip(spans, extract_clips(item.path, scan, spans, config.clips))):
             key = f"{item.key}_{clip:03d}"

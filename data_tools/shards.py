@@ -207,10 +207,11 @@ class SampleGate(Protocol):
 
 
 def _input_entry(source: str, records: list[ClipRecord], written: int) -> dict[str, Any]:
-    """One input's line in the manifest: ok when it gave a sample, else the first reason."""
+    """One input's line in the manifest: ok when it gave a sample, else why not (a failure,
+    or the last drop: clip-level drops come after scene-level ones)."""
     if written:
         return {"path": source, "status": "ok", "samples": written, "reason": ""}
-    problem = next((r for r in records if r.status == FAILED), None) or next((r for r in records if not r.ok), None)
+    problem = next((r for r in records if r.status == FAILED), None) or next((r for r in reversed(records) if not r.ok), None)
     status = problem.status if problem is not None else DROPPED
     return {"path": source, "status": status, "samples": 0, "reason": problem.reason if problem else "no samples"}
 
@@ -300,7 +301,8 @@ def write_planned_shards(
                     inputs.append(_input_entry(source, records, input_written))
                     total_written += input_written
                     bar.update()
-                    bar.set_postfix(samples=total_written, refresh=False)
+                    rate = total_written / max(bar.format_dict["elapsed"], 1e-6)
+                    bar.set_postfix(samples=total_written, samples_per_s=f"{rate:.2f}", refresh=False)
         except BaseException:
             tmp.unlink(missing_ok=True)  # never leave a half-written shard behind
             raise
