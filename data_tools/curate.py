@@ -236,6 +236,7 @@ def curate(
     width_height = "source size" if config.clips.short_side is None else f"short side {config.clips.short_side}"
     stats = write_planned_shards(
         plan, out_dir, process, gate=gate, progress=progress,
+        max_samples=config.shard_max_samples, max_bytes=config.shard_max_bytes,
         extra_stats={
             "notes": plan_notes(config),
             "output": f"{config.clips.fps or 'source'} fps, {width_height}",

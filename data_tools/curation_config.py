@@ -96,6 +96,9 @@ class CurationConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     captions: CaptionsConfig = field(default_factory=CaptionsConfig)
     inputs_per_shard: int = 16  # shard i holds the clips of inputs i*N .. (i+1)*N-1
+    # A shard's tar rolls over to shard-NNNNNN_01.tar, ... past this many clips or bytes.
+    shard_max_samples: int | None = None
+    shard_max_bytes: int | None = None
 
 
 class CurationConfigError(ValueError):

@@ -16,7 +16,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +28,7 @@ from data_tools.stages import DROPPED, FAILED, ClipRecord, Stage, run_stages
 VIDEO_SUFFIXES = (".mp4",)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 STATS_NAME = "_stats.json"
-_SHARD_FILE = re.compile(r"^shard-(\d{6})\.(tar|manifest\.json)$")
+_SHARD_FILE = re.compile(r"^shard-(\d{6})(_\d{2,})?\.(tar|manifest\.json)$")
 # Fixed member mtime: the same inputs give byte-identical tars.
 _TAR_MTIME = 0
 
@@ -39,6 +39,12 @@ class ShardInputError(ValueError):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}"
+
+
+def part_name(index: int, part: int) -> str:
+    """Tar `part` of shard `index`: the shard's own name, then `shard-NNNNNN_01`, ... when a
+    shard rolls over at its sample or byte limit."""
+    return shard_name(index) if part == 0 else f"{shard_name(index)}_{part:02d}"
 
 
 def list_inputs(input_dir: str | Path, suffixes: Sequence[str]) -> list[Path]:
@@ -157,22 +163,25 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
 
 def _finished_manifest(out_dir: Path, index: int, sources: list[str]) -> dict[str, Any] | None:
     """The manifest of shard `index` if that shard is complete and holds exactly `sources`."""
-    tar = out_dir / f"{shard_name(index)}.tar"
     manifest = _read_manifest(out_dir / f"{shard_name(index)}.manifest.json")
-    if manifest is None or not tar.is_file():
+    if manifest is None or manifest.get("sources") != sources:
         return None
-    if manifest.get("sources") != sources or manifest.get("bytes") != tar.stat().st_size:
-        return None
+    parts = manifest.get("parts") or [{"tar": f"{shard_name(index)}.tar", "bytes": manifest.get("bytes")}]
+    for part in parts:
+        tar = out_dir / part["tar"]
+        if not tar.is_file() or tar.stat().st_size != part["bytes"]:
+            return None
     return manifest
 
 
-def _remove_stale_files(out_dir: Path, num_shards: int) -> list[str]:
-    """Delete leftover `.tmp` files of an interrupted run and shards past the end of the
-    current plan (the input folder shrank), so the folder holds only current shards."""
+def _remove_stale_files(out_dir: Path, num_shards: int, rewrite: Collection[int] = ()) -> list[str]:
+    """Delete leftover `.tmp` files of an interrupted run, shards past the end of the current
+    plan (the input folder shrank) and every file of the shards in `rewrite`, so the folder
+    holds only current shards."""
     removed = []
     for path in sorted(out_dir.iterdir()):
         match = _SHARD_FILE.match(path.name)
-        stale_shard = match is not None and int(match.group(1)) >= num_shards
+        stale_shard = match is not None and (int(match.group(1)) >= num_shards or int(match.group(1)) in rewrite)
         if (path.name.startswith("shard-") and path.name.endswith(".tmp")) or stale_shard:
             path.unlink()
             removed.append(path.name)
@@ -193,6 +202,52 @@ def _report(message: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(message, file=sys.stderr)  # keeps the progress bar intact
+
+
+class _PartWriter:
+    """The tar parts of one shard: each written as `NAME.tar.tmp` and renamed when full or
+    when the shard ends."""
+
+    def __init__(self, out_dir: Path, index: int, max_samples: int | None, max_bytes: int | None) -> None:
+        self.out_dir, self.index = out_dir, index
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.parts: list[dict[str, Any]] = []
+        self._open()
+
+    def _open(self) -> None:
+        import webdataset as wds
+
+        self.name = f"{part_name(self.index, len(self.parts))}.tar"
+        self.tmp = self.out_dir / f"{self.name}.tmp"
+        self.stream = open(self.tmp, "wb")  # noqa: SIM115 - closed in _finish / abort (TarWriter leaves it open)
+        self.writer = wds.TarWriter(self.stream, encoder=False, mtime=_TAR_MTIME)
+        self.count = 0
+
+    def _finish(self) -> None:
+        self.writer.close()
+        self.stream.close()
+        self.tmp.replace(self.out_dir / self.name)
+        self.parts.append({"tar": self.name, "bytes": (self.out_dir / self.name).stat().st_size, "num_samples": self.count})
+
+    def write(self, sample: dict[str, Any]) -> None:
+        full = (self.max_samples is not None and self.count >= self.max_samples) or (
+            self.max_bytes is not None and self.stream.tell() >= self.max_bytes)
+        if full and self.count:
+            self._finish()
+            self._open()
+        self.writer.write(sample)
+        self.count += 1
+
+    def close(self) -> list[dict[str, Any]]:
+        self._finish()
+        return self.parts
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.stream.close()
+            self.tmp.unlink(missing_ok=True)
 
 
 class SampleGate(Protocol):
@@ -232,19 +287,20 @@ def write_planned_shards(
     gate: SampleGate | None = None,
     progress: bool = True,
     extra_stats: dict[str, Any] | None = None,
+    max_samples: int | None = None,
+    max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Write shard i from the records of the inputs `plan[i]` (their sources), skipping
     shards already complete. `process(pending)` yields, for every input of the pending shards
     in order, the list of records it gave (one for a file packed as is, any number for a video
     cut into clips). Records that pass `gate` are written; the rest are listed with their
-    reasons. Returns the totals also saved as `_stats.json`."""
-    import webdataset as wds
+    reasons. A shard's tar rolls over to `shard-NNNNNN_01.tar`, ... after `max_samples`
+    samples or `max_bytes` bytes. Returns the totals also saved as `_stats.json`."""
     from tqdm import tqdm
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_files(out_dir, len(plan))
 
     sources = [list(chunk) for chunk in plan]
     manifests: dict[int, dict[str, Any]] = {}
@@ -255,8 +311,9 @@ def write_planned_shards(
             manifests[index] = manifest
         else:
             pending.append(index)
-            # A shard being rewritten must never look finished next to its old manifest.
-            (out_dir / f"{shard_name(index)}.manifest.json").unlink(missing_ok=True)
+    # A shard being rewritten must never look finished next to its old manifest, nor keep
+    # parts of an earlier attempt.
+    _remove_stale_files(out_dir, len(plan), rewrite=set(pending))
     if gate is not None:
         for index in sorted(manifests):
             if index < (pending[0] if pending else len(plan)):
@@ -270,55 +327,54 @@ def write_planned_shards(
             # Finished shards after a rewritten one come later in input order.
             for done in range(pending[position - 1] + 1, index):
                 gate.restore(manifests[done])
-        name = shard_name(index)
-        tar, tmp = out_dir / f"{name}.tar", out_dir / f"{name}.tar.tmp"
         written: list[ClipRecord] = []
         failed, dropped, inputs = [], [], []
+        tars = _PartWriter(out_dir, index, max_samples, max_bytes)
         try:
-            with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as writer:
-                for source in sources[index]:
-                    records = []
-                    input_written = 0
-                    for record in next(results):
-                        if record.ok and gate is not None:
-                            record = gate(record)
-                        if record.ok:
-                            try:
-                                sample = _sample(record)
-                            except OSError as error:  # vanished or unreadable since it was probed
-                                record = replace(record, status=FAILED, reason=f"cannot read: {error.strerror or error}")
-                            else:
-                                writer.write(sample)
-                                written.append(record)
-                                records.append(record)
-                                input_written += 1
-                                continue
-                        records.append(record)
-                        entry = {"path": record.source, "key": record.key, "reason": record.reason}
-                        (dropped if record.status == DROPPED else failed).append(entry)
-                        if record.status != DROPPED:
-                            _report(f"effvid-data: skipped {record.source}: {record.reason}")
-                    inputs.append(_input_entry(source, records, input_written))
-                    total_written += input_written
-                    bar.update()
-                    rate = total_written / max(bar.format_dict["elapsed"], 1e-6)
-                    bar.set_postfix(samples=total_written, samples_per_s=f"{rate:.2f}", refresh=False)
+            for source in sources[index]:
+                records = []
+                input_written = 0
+                for record in next(results):
+                    if record.ok and gate is not None:
+                        record = gate(record)
+                    if record.ok:
+                        try:
+                            sample = _sample(record)
+                        except OSError as error:  # vanished or unreadable since it was probed
+                            record = replace(record, status=FAILED, reason=f"cannot read: {error.strerror or error}")
+                        else:
+                            tars.write(sample)
+                            written.append(record)
+                            records.append(record)
+                            input_written += 1
+                            continue
+                    records.append(record)
+                    entry = {"path": record.source, "key": record.key, "reason": record.reason}
+                    (dropped if record.status == DROPPED else failed).append(entry)
+                    if record.status != DROPPED:
+                        _report(f"effvid-data: skipped {record.source}: {record.reason}")
+                inputs.append(_input_entry(source, records, input_written))
+                total_written += input_written
+                bar.update()
+                rate = total_written / max(bar.format_dict["elapsed"], 1e-6)
+                bar.set_postfix(samples=total_written, samples_per_s=f"{rate:.2f}", refresh=False)
+            parts = tars.close()
         except BaseException:
-            tmp.unlink(missing_ok=True)  # never leave a half-written shard behind
+            tars.abort()  # never leave a half-written shard behind
             raise
-        tmp.replace(tar)
         manifest = {
-            "shard": f"{name}.tar",
+            "shard": parts[0]["tar"],
             "num_samples": len(written),
             "keys": [r.key for r in written],
             "sources": sources[index],
             "inputs": inputs,
             "failed": failed,
             "dropped": dropped,
-            "bytes": tar.stat().st_size,
+            "bytes": sum(part["bytes"] for part in parts),
+            "parts": parts,
             **(gate.manifest_fields(written) if gate is not None else {}),
         }
-        _write_json_atomic(out_dir / f"{name}.manifest.json", manifest)
+        _write_json_atomic(out_dir / f"{shard_name(index)}.manifest.json", manifest)
         manifests[index] = manifest
     bar.close()
 

@@ -189,3 +189,18 @@ def test_ray_executor_gives_the_same_shards(two_videos, tmp_path):
     assert stats["executor"] == "ray" and tar_keys(tmp_path / "ray") == tar_keys(tmp_path / "local")
     local, remote = tar_samples(tmp_path / "local"), tar_samples(tmp_path / "ray")
     assert all(local[key]["json"] == remote[key]["json"] for key in local)
+
+
+def test_shards_roll_over_at_the_sample_limit_and_resume(two_videos, tmp_path):
+    overrides = ["clips.fps=12", "clips.short_side=32", "clips.min_seconds=1.0", "shard_max_samples=2"]
+    out = tmp_path / "out"
+    curate(two_videos, out, load_curation_config(overrides=overrides), progress=False)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000000_01.tar"]
+    manifest = json.loads((out / "shard-000000.manifest.json").read_text())
+    assert [part["num_samples"] for part in manifest["parts"]] == [2, 1]
+    assert tar_keys(out) == manifest["keys"] == ["00000000_000", "00000000_001", "00000001_000"]
+    (out / "shard-000000_01.tar").unlink()  # a lost part makes the shard unfinished
+    stats = curate(two_videos, out, load_curation_config(overrides=overrides), progress=False)
+    assert stats["shards_written"] == 1 and tar_keys(out) == manifest["keys"]
+    stats = curate(two_videos, out, load_curation_config(overrides=overrides), progress=False)
+    assert stats["shards_skipped"] == 1
