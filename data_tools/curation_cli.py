@@ -23,7 +23,9 @@ Turn raw videos into training-ready clip shards, in stages (each configurable in
   5. dedup       perceptual hashes of 3 keyframes; the first clip in input order is kept
   6. captions    sidecar NAME.txt / NAME.json "caption", a CSV/parquet column, or none
   7. writing     video2dataset layout (KEY.mp4, KEY.txt, KEY.json), shard i = the clips of
-                 inputs i*N..(i+1)*N-1 (inputs_per_shard), written atomically
+                 inputs i*N..(i+1)*N-1 (inputs_per_shard), rolling over to
+                 shard-NNNNNN_01.tar, ... past shard_max_samples / shard_max_bytes; every
+                 tar is written as .tmp and renamed when complete
 
 INPUT is a folder (searched recursively for .mp4/.mov/.mkv/.webm/.avi/.m4v), a video file,
 a text file of paths (one a line), or a CSV/parquet table with a `path` column. OUT gets

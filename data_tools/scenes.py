@@ -10,12 +10,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
 
 from data_tools.curation_config import CutsConfig
 from data_tools.probe import VideoProbe, probe_video
+
+if TYPE_CHECKING:
+    from scenedetect import SceneDetector
 
 
 # Timecodes are built from decoded frame numbers; the detectors only compare them (and
@@ -40,7 +44,7 @@ class VideoScan:
         return float(self.times[-1]) + step
 
 
-def _make_detector(config: CutsConfig):  # -> scenedetect.SceneDetector | None
+def _make_detector(config: CutsConfig) -> SceneDetector | None:
     if config.detector == "none":
         return None
     from scenedetect import AdaptiveDetector, ContentDetector
