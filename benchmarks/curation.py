@@ -9,7 +9,7 @@ the default config (24 fps, short side 256) in this one process:
   probe + cuts   PyAV decode of every source frame + ContentDetector on 128-px-wide frames
   extract        second decode, resampling to 24 fps, resize to the short side
   scores         Farneback motion (8 pairs), Laplacian sharpness, brightness, pHash
-  encode         H.264 re-encode of each clip (libx264, one thread)
+  encode         H.264 re-encode of each clip (libx264, one thread, preset medium; and veryfast)
   dedup + write  pHash dedup and the shard writer over the encoded clips
 and finally the whole `curate` end to end with 1 and with `--workers` processes.
 "source frames/s" counts decoded input frames, "clip frames/s" output frames.
@@ -61,7 +61,7 @@ def main() -> None:
         write_inputs(inputs, args.inputs, args.width, args.height, args.fps, args.scene_seconds, args.scenes)
         paths = sorted(inputs.glob("*.mp4"))
 
-        seconds = dict.fromkeys(("probe + cuts", "extract", "scores", "encode", "dedup + write"), 0.0)
+        seconds = dict.fromkeys(("probe + cuts", "extract", "scores", "encode", "encode (preset veryfast)", "dedup + write"), 0.0)
         source_frames = clip_frames = clips = 0
         records: list[list[ClipRecord]] = []
         for path in paths:
@@ -82,6 +82,10 @@ def main() -> None:
             started = time.perf_counter()
             data = [encode_mp4(frames, fps=config.clips.fps, crf=config.clips.crf) for frames in all_frames]
             seconds["encode"] += time.perf_counter() - started
+            started = time.perf_counter()
+            for frames in all_frames:
+                encode_mp4(frames, fps=config.clips.fps, crf=config.clips.crf, preset="veryfast")
+            seconds["encode (preset veryfast)"] += time.perf_counter() - started
             clips += len(all_frames)
             clip_frames += sum(len(frames) for frames in all_frames)
             records.append([

@@ -169,7 +169,7 @@ def process_input(item: CurateInput, config: CurationConfig) -> list[ClipRecord]
             if reason is not None:
                 records.append(ClipRecord(key=key, source=item.path, meta=meta, status=DROPPED, reason=reason))
                 continue
-            records.append(replace(record, data=encode_mp4(frames, fps=fps, crf=config.clips.crf)))
+            records.append(replace(record, data=encode_mp4(frames, fps=fps, crf=config.clips.crf, preset=config.clips.preset)))
     except Exception as error:  # noqa: BLE001 - a video that breaks mid-way fails alone
         message = getattr(error, "strerror", None) or str(error) or type(error).__name__
         return [*records, ClipRecord(key=item.key, source=item.path, status=FAILED, reason=f"extract: {message}")]

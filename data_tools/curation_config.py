@@ -32,6 +32,7 @@ class ClipsConfig:
     fps: float | None = 24.0  # output frame rate (null: keep the source's)
     short_side: int | None = 256  # output short side in pixels, never upscaled (null: keep)
     crf: int = 23  # H.264 quality of the re-encoded clips
+    preset: str = "medium"  # libx264 speed preset: ultrafast .. veryslow (faster = larger files)
 
 
 @dataclass

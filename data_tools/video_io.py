@@ -11,12 +11,13 @@ import numpy as np
 from data_tools.atomic_files import write_atomic
 
 
-def encode_mp4(frames: np.ndarray, fps: float = 8.0, crf: int = 10) -> bytes:
+def encode_mp4(frames: np.ndarray, fps: float = 8.0, crf: int = 10, preset: str | None = None) -> bytes:
     """Encode uint8 frames `(F, H, W, 3)` (or `(F, H, W)` grayscale) to H.264 mp4 bytes.
 
     H.264 with yuv420p needs even sizes; odd sizes are rejected rather than silently padded
     so that the decoded clip always has the shape that was written. A low CRF keeps the
-    tiny digit canvases nearly lossless.
+    tiny digit canvases nearly lossless. `preset` is libx264's speed/size trade-off
+    ("ultrafast" .. "veryslow"; None: its default, "medium").
     """
     if frames.dtype != np.uint8:
         raise ValueError(f"encode_mp4 expects uint8 frames, got {frames.dtype}")
@@ -32,7 +33,7 @@ def encode_mp4(frames: np.ndarray, fps: float = 8.0, crf: int = 10) -> bytes:
         stream = container.add_stream("libx264", rate=int(round(fps)))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         # One thread and no B-frame look-ahead: deterministic bytes for a given input.
-        stream.options = {"crf": str(crf), "threads": "1", "bf": "0"}
+        stream.options = {"crf": str(crf), "threads": "1", "bf": "0", **({"preset": preset} if preset else {})}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
