@@ -29,7 +29,7 @@ from data_tools.clips import extract_clips, plan_clips
 from data_tools.curate import curate
 from data_tools.curation_config import load_curation_config
 from data_tools.dedup import PerceptualDedup
-from data_tools.filters import clip_scores
+from data_tools.filters import opencv_scores
 from data_tools.scenes import scan_video
 from data_tools.shards import write_planned_shards
 from data_tools.stages import ClipRecord
@@ -76,7 +76,7 @@ def main() -> None:
             seconds["extract"] += time.perf_counter() - started
 
             started = time.perf_counter()
-            scores = [clip_scores(frames, config.filters) for frames in all_frames]
+            scores = [opencv_scores(frames, config.filters) for frames in all_frames]
             seconds["scores"] += time.perf_counter() - started
 
             started = time.perf_counter()

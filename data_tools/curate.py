@@ -26,7 +26,7 @@ from data_tools.clips import ClipSpan, extract_clips, plan_clips
 from data_tools.curation_config import CurationConfig, config_to_dict
 from data_tools.dedup import PerceptualDedup
 from data_tools.executors import map_ordered
-from data_tools.filters import bounds_violation, clip_scores
+from data_tools.filters import bounds_violation, opencv_scores
 from data_tools.probe import ProbeError
 from data_tools.scenes import VideoScan, scan_video
 from data_tools.shards import ShardInputError, write_planned_shards
@@ -158,7 +158,7 @@ def process_input(item: CurateInput, config: CurationConfig) -> list[ClipRecord]
         for clip, (span, frames) in enumerate(zip(spans, extract_clips(item.path, scan, spans, config.clips))):
             key = f"{item.key}_{clip:03d}"
             meta = _clip_meta(scan, span, clip, frames, fps)
-            scores = clip_scores(frames, config.filters)
+            scores = opencv_scores(frames, config.filters)
             meta["phash"] = scores.pop("phash")
             if scorer is not None:
                 scores.update(scorer.score(frames, caption or ""))

@@ -60,7 +60,7 @@ def perceptual_hash(frame: np.ndarray) -> int:
     return int(np.packbits(bits).view(">u8")[0])
 
 
-def clip_scores(frames: np.ndarray, config: FiltersConfig) -> dict[str, float | list[str]]:
+def opencv_scores(frames: np.ndarray, config: FiltersConfig) -> dict[str, float | list[str]]:
     """The OpenCV scores of one clip `(F, H, W, 3)` for its sample json."""
     keyframes = [frames[i] for i in keyframe_indices(len(frames))]
     return {
