@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from experiments.checkpoints import check_checkpoint_fits
 from experiments.run_callbacks import RunRecorder
 from experiments.run_dir import (
     RunError,
@@ -108,6 +109,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     try:
         datamodule, model, trainer = build(cfg, run_dir)
         datamodule.setup("fit")  # bad shard paths fail here, before the run folder is kept
+        if resuming:
+            check_checkpoint_fits(cfg.resume, model)
     except (InstantiationException, FileNotFoundError, ValueError, RunError) as error:
         if not resuming:  # a run that never started leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -121,7 +124,15 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     print(f"effvid: run {cfg.run_id} -> {run_dir}" + (f" (resuming {cfg.resume})" if resuming else ""))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.resume or None)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.resume or None)
+    except SIGTERMException:  # preempted: PreemptionCheckpoint saved last.ckpt
+        finish_wandb()
+        print(f"effvid: run {cfg.run_id} stopped by a signal at step {trainer.global_step}; "
+              f"continue with: effvid-train resume={cfg.run_id}")
+        raise SystemExit(0) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     update_run_status(
