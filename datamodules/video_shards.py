@@ -147,6 +147,25 @@ def _warn_and_continue(exn: Exception) -> bool:
     return True
 
 
+class _CountTarErrors:
+    """tar-level error handler like `_warn_and_continue` that also counts the error in the
+    datamodule's skipped counter (a truncated shard loses its remaining samples)."""
+
+    def __init__(self, skipped: Any) -> None:
+        self.skipped = skipped
+
+    def __call__(self, exn: Exception) -> bool:
+        warnings.warn(f"skipping unreadable shard data: {exn!r}", SkippedSampleWarning, stacklevel=2)
+        with self.skipped.get_lock():
+            self.skipped.value += 1
+        return True
+
+
+def _outside_archive(key: str) -> bool:
+    """A member path that would leave the archive if extracted (absolute or with `..`)."""
+    return key.startswith(("/", "\\")) or ".." in key.replace("\\", "/").split("/")
+
+
 class _DecodeSamples:
     """Pipeline stage: raw shard samples -> `{"video", "caption", "key", "meta"}`.
 
@@ -156,8 +175,9 @@ class _DecodeSamples:
 
     def __init__(self, clock: _EpochClock | None, skipped: Any, *, caption_key: str, seed: int,
                  num_frames: int | None, stride: int, random_start: bool, size: int | None,
-                 channels: int, timeout: float | None = None) -> None:
+                 channels: int, timeout: float | None = None, require_caption: bool = False) -> None:
         self.clock, self.skipped, self.caption_key, self.seed = clock, skipped, caption_key, seed
+        self.require_caption = require_caption
         self.random_start = random_start
         self.clip_options = dict(num_frames=num_frames, stride=stride, random_start=random_start,
                                  size=size, channels=channels, timeout=timeout)
@@ -179,8 +199,14 @@ class _DecodeSamples:
         for sample in samples:
             key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
             where = f"sample {key} in shard {url}"
+            if _outside_archive(key):
+                self._skip(f"skipping {where}: its member path points outside the archive")
+                continue
             if "mp4" not in sample:
                 self._skip(f"skipping {where}: no .mp4 member")
+                continue
+            if self.require_caption and self.caption_key not in sample:
+                self._skip(f"skipping {where}: no .{self.caption_key} caption")
                 continue
             try:
                 caption = sample[self.caption_key].decode("utf-8") if self.caption_key in sample else ""
@@ -223,7 +249,9 @@ class VideoShardDataModule(lightning.LightningDataModule):
     run continues the sequence), advances by one per pass, and `set_epoch` overrides it.
     `num_frames=None` takes every frame (at `frame_stride`); `size=None` keeps the resolution.
     Clips shorter than `(num_frames - 1) * frame_stride + 1` are skipped with a warning, as is
-    a clip whose decoding takes longer than `decode_timeout` seconds.
+    a clip whose decoding takes longer than `decode_timeout` seconds, a sample without a
+    caption (unless `require_caption=False`: empty caption) and a member whose path would
+    leave the archive; all are counted in `num_skipped_samples`, as are unreadable tar data.
     """
 
     def __init__(
@@ -243,6 +271,7 @@ class VideoShardDataModule(lightning.LightningDataModule):
         caption_key: str = "txt",
         epoch_samples: int | None = None,
         decode_timeout: float | None = None,
+        require_caption: bool = True,
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
@@ -259,6 +288,7 @@ class VideoShardDataModule(lightning.LightningDataModule):
         self.caption_key = caption_key.lstrip(".").lower()
         self.epoch_samples = epoch_samples
         self.decode_timeout = decode_timeout
+        self.require_caption = require_caption
         self.train_urls: list[str] | None = None
         self.shard_sizes: dict[str, int] | None = None
         self._positions = PositionTracker()
@@ -352,12 +382,12 @@ class VideoShardDataModule(lightning.LightningDataModule):
             clock, self._skipped, caption_key=self.caption_key, seed=self.seed,
             num_frames=self.num_frames, stride=self.frame_stride,
             random_start=self.random_start and train, size=self.size, channels=self.channels,
-            timeout=self.decode_timeout,
+            timeout=self.decode_timeout, require_caption=self.require_caption,
         )
 
     def _read_samples(self) -> Any:
         return wds.tarfile_to_samples(
-            handler=_warn_and_continue, select_files=_SelectFiles({"mp4", "json", self.caption_key})
+            handler=_CountTarErrors(self._skipped), select_files=_SelectFiles({"mp4", "json", self.caption_key})
         )
 
     def train_pipeline(self) -> wds.DataPipeline:
