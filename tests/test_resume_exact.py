@@ -84,3 +84,50 @@ def test_kill_9_between_checkpoints_then_resume_continues_bitwise(digits_data_ro
     assert set(ours) == set(reference)
     for name, tensor in reference.items():  # EMA and raw weights, bitwise
         assert torch.equal(ours[name], tensor), name
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_a_checkpoint_and_exits_cleanly(digits_data_root: Path, tmp_path: Path, signum) -> None:
+    args = [*overrides(digits_data_root, tmp_path, tmp_path / "trace.jsonl", pause_after=3), "data.num_workers=0",
+            "trainer.limit_val_batches=0", "callbacks.checkpoint.every_n_train_steps=2", "run_id=pre"]
+    run = train(*args)
+    deadline = time.monotonic() + 240
+    while 3 not in (rows(tmp_path / "trace.jsonl") if (tmp_path / "trace.jsonl").exists() else {}):
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0][-4000:]
+        time.sleep(0.2)
+    run.send_signal(signum)
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode == 0, output[-4000:]
+    assert "continue with: effvid-train resume=pre" in output
+    last = torch.load(tmp_path / "pre" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["global_step"] == 3  # saved on the signal, not the periodic one at step 2
+    assert json.loads((tmp_path / "pre" / "run.json").read_text())["status"] == "interrupted"
+    if signum == signal.SIGTERM:  # and the run continues from it
+        finish(train(f"runs_dir={tmp_path}", "resume=pre", "callbacks.trace.pause_after=null", "trainer.max_steps=5"))
+        assert [r["step"] for r in map(json.loads, (tmp_path / "trace.jsonl").read_text().splitlines())] == [1, 2, 3, 4, 5]
+
+
+KILL_DURING_SAVE = """
+import os, sys, torch
+from experiments.checkpoints import AtomicCheckpointIO
+io, path = AtomicCheckpointIO(), sys.argv[1]
+io.save_checkpoint({"global_step": 1, "w": torch.arange(1000.0)}, path)
+
+def dying_save(obj, handle):
+    handle.write(b"PK" + bytes(5000))  # half a checkpoint on disk, then the process dies
+    handle.flush()
+    os.kill(os.getpid(), 9)
+
+torch.save = dying_save
+io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
+"""
+
+
+def test_kill_during_checkpoint_save_leaves_the_previous_checkpoint_loadable(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    result = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(path)], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert list(path.parent.glob(".last.ckpt.tmp-*"))  # the interrupted write went to a temp file
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["global_step"] == 1 and torch.equal(checkpoint["w"], torch.arange(1000.0))
