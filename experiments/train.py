@@ -14,6 +14,7 @@ not from today's config files, so it continues exactly the experiment that was s
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -61,8 +62,18 @@ def prepare_argv(argv: list[str]) -> list[str]:
         ]  # fmt: skip
     run_id = values.get("run_id") or new_run_id()
     if (runs_dir / run_id / "config.yaml").exists():
+        requeued = os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
+        if requeued and (ckpt := newest_checkpoint(runs_dir / run_id)) is not None:
+            # A requeued SLURM job re-runs its original command: continue the run instead.
+            return prepare_argv([*(a for a in argv if not a.startswith("run_id=")), f"resume={ckpt}"])
         raise RunError(f"run {run_id!r} already exists in {runs_dir}/; continue it with resume={run_id}")
     return [a for a in argv if not a.startswith("run_id=")] + [f"run_id={run_id}"]
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The latest of last.ckpt and Lightning's SLURM pre-emption checkpoints (hpc_ckpt_N)."""
+    candidates = [*run_dir.glob("hpc_ckpt_*.ckpt"), *run_dir.glob("checkpoints/last.ckpt")]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
 def check_resumable(run_dir: Path, overrides: dict[str, str]) -> None:
@@ -88,6 +99,8 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.paradigm, net=instantiate(cfg.model))
+    if cfg.get("compile"):
+        model.net.compile()  # in place: parameter names (and checkpoints) stay the same
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not logger:  # Lightning refuses a LearningRateMonitor without a logger; nothing to log to
@@ -102,7 +115,9 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume) the run described by `cfg`; returns the final logged metrics."""
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        with open_dict(cfg):  # every job of a sweep is a run of its own
+        with open_dict(cfg):  # every job of a sweep is a run of its own, one W&B group per sweep
+            if cfg.get("logger") and "group" in cfg.logger:
+                cfg.logger.group = f"sweep-{cfg.run_id}"
             cfg.run_id = f"{cfg.run_id}-{HydraConfig.get().job.num}"
     run_dir = Path(cfg.runs_dir) / cfg.run_id
     resuming = bool(cfg.get("resume"))
