@@ -105,8 +105,7 @@ class RNGStateKeeper(Callback):
         self._before_validation: dict[str, Any] | None = None
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.training or trainer.sanity_checking:
-            self._before_validation = collect_rng_states()
+        self._before_validation = collect_rng_states()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._before_validation is not None:

@@ -146,3 +146,18 @@ def test_kill_during_checkpoint_save_leaves_the_previous_checkpoint_loadable(tmp
     assert list(path.parent.glob(".last.ckpt.tmp-*"))  # the interrupted write went to a temp file
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["global_step"] == 1 and torch.equal(checkpoint["w"], torch.arange(1000.0))
+
+
+def test_validation_does_not_shift_the_training_random_stream() -> None:
+    from types import SimpleNamespace
+
+    from experiments.run_callbacks import RNGStateKeeper
+
+    keeper, trainer = RNGStateKeeper(), SimpleNamespace()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    keeper.on_validation_start(trainer, None)
+    torch.rand(100)  # whatever validation draws
+    keeper.on_validation_end(trainer, None)
+    assert torch.equal(torch.rand(3), expected)
