@@ -32,6 +32,8 @@ def save_atomic(checkpoint: dict[str, Any], path: str | Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-save
+        stale.unlink(missing_ok=True)
     try:  # make the rename itself durable
         folder = os.open(path.parent, os.O_RDONLY)
         try:
