@@ -6,8 +6,12 @@ no reader (and no decoder thread) ever exists before the workers fork.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
 
 import decord
 import numpy as np
@@ -28,6 +32,34 @@ class VideoDecodeError(RuntimeError):
 
 class ClipTooShortError(ValueError):
     """A clip has fewer frames than `num_frames` at `stride` need."""
+
+
+class DecodeTimeoutError(VideoDecodeError):
+    """Decoding one sample took longer than the datamodule's `decode_timeout`."""
+
+
+@contextlib.contextmanager
+def decode_deadline(seconds: float | None) -> Iterator[None]:
+    """Raise `DecodeTimeoutError` in this block after `seconds` (a SIGALRM timer).
+
+    Works in a process's main thread, which every DataLoader worker is. A decoder stuck in
+    C code without returning to Python is interrupted only when it returns; the DataLoader's
+    own `timeout` (set from `decode_timeout` when there are workers) bounds that case.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise DecodeTimeoutError(f"decoding took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def sample_frame_indices(
@@ -114,19 +146,24 @@ def decode_clip(
     rng: np.random.Generator | None,
     size: int | None,
     channels: int,
+    timeout: float | None = None,
 ) -> torch.Tensor:
     """Decode mp4 bytes to a float32 clip `(C, F, H, W)` in [-1, 1].
 
     `size=None` keeps the decoded resolution. `channels` is 3 (RGB) or 1 (luma). Undecodable
     bytes raise `VideoDecodeError` naming `url` and `key`; a too-short clip raises
-    `ClipTooShortError` with the same names.
+    `ClipTooShortError` with the same names; decoding longer than `timeout` seconds raises
+    `DecodeTimeoutError`.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     try:
-        frames = _decode_frames(data, num_frames, stride, random_start, rng)
+        with decode_deadline(timeout):
+            frames = _decode_frames(data, num_frames, stride, random_start, rng)
     except ClipTooShortError as exc:
         raise ClipTooShortError(f"sample {key} in shard {url}: {exc}") from exc
+    except DecodeTimeoutError as exc:
+        raise DecodeTimeoutError(f"mp4 of sample {key} in shard {url}: {exc}") from None
     except Exception as exc:  # decord raises RuntimeError or DECORDError with long C++ traces
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise VideoDecodeError(f"cannot decode mp4 of sample {key} in shard {url}: {detail}") from exc

@@ -4,14 +4,20 @@ Each shard sample holds `KEY.mp4` (H.264), `KEY.txt` (caption) and `KEY.json` (m
 Only those raw bytes are read and decoded here (mp4 with decord, txt as UTF-8, json with
 `json.loads`); nothing is ever unpickled.
 
-How a DDP run splits the data: the shard list (shuffled per epoch with a seed shared by all
-processes, so every rank sees the same order) is split first by rank (`wds.split_by_node`:
-rank r takes shards r, r + world_size, ...), then among that rank's DataLoader workers
-(`wds.split_by_worker`). Every reader therefore needs at least one shard, which `setup()`
-checks. Ranks can still end an epoch with different batch counts when shards hold different
-numbers of samples; DDP needs equal counts, which `epoch_samples` gives (a fixed number of
-batches per reader, cycling through shards). Equal counts without `epoch_samples` is left
-for a later issue.
+How a DDP run splits the data (`datamodules/shard_readers.py`): the shard list, shuffled per
+epoch with a seed shared by all processes, is dealt to the readers (every DataLoader worker of
+every rank) balancing their sample counts, and every reader yields the same number of batches,
+so DDP ranks step in lock-step whatever the shard sizes; no sample repeats within an epoch.
+Every reader needs at least one shard, which `setup()` checks (a clear error, no fallback).
+`epoch_samples` instead fixes the epoch length, each reader cycling through its shards.
+
+Exact resume: every training batch carries its reader's position; the datamodule keeps the
+position of the last batch the trainer consumed and Lightning saves it in every checkpoint
+(`state_dict`). A resumed run replays each reader's epoch up to that position without
+decoding (the shuffle buffer is rebuilt by replay, not stored), so the next batches are the
+ones the uninterrupted run would have seen. Randomness inside readers (shard deal, sample
+shuffle, start frames) derives from (seed, epoch, rank, worker, sample key), so workers carry
+no RNG state that would need saving.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import multiprocessing
 import random
 import warnings
+import zlib
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -32,6 +39,16 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from datamodules.shard_lists import ShardSpec, check_enough_shards, resolve_shards
+from datamodules.shard_readers import (
+    POSITION_KEY,
+    AssignShards,
+    BatchReaderSamples,
+    PositionTracker,
+    ReaderPlan,
+    ShuffleSamples,
+    SkipConsumed,
+    count_shard_samples,
+)
 from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, decode_clip
 
 Sample = dict[str, Any]
@@ -130,6 +147,25 @@ def _warn_and_continue(exn: Exception) -> bool:
     return True
 
 
+class _CountTarErrors:
+    """tar-level error handler like `_warn_and_continue` that also counts the error in the
+    datamodule's skipped counter (a truncated shard loses its remaining samples)."""
+
+    def __init__(self, skipped: Any) -> None:
+        self.skipped = skipped
+
+    def __call__(self, exn: Exception) -> bool:
+        warnings.warn(f"skipping unreadable shard data: {exn!r}", SkippedSampleWarning, stacklevel=2)
+        with self.skipped.get_lock():
+            self.skipped.value += 1
+        return True
+
+
+def _outside_archive(key: str) -> bool:
+    """A member path that would leave the archive if extracted (absolute or with `..`)."""
+    return key.startswith(("/", "\\")) or ".." in key.replace("\\", "/").split("/")
+
+
 class _DecodeSamples:
     """Pipeline stage: raw shard samples -> `{"video", "caption", "key", "meta"}`.
 
@@ -139,10 +175,20 @@ class _DecodeSamples:
 
     def __init__(self, clock: _EpochClock | None, skipped: Any, *, caption_key: str, seed: int,
                  num_frames: int | None, stride: int, random_start: bool, size: int | None,
-                 channels: int) -> None:
+                 channels: int, timeout: float | None = None, require_caption: bool = False) -> None:
         self.clock, self.skipped, self.caption_key, self.seed = clock, skipped, caption_key, seed
+        self.require_caption = require_caption
+        self.random_start = random_start
         self.clip_options = dict(num_frames=num_frames, stride=stride, random_start=random_start,
-                                 size=size, channels=channels)
+                                 size=size, channels=channels, timeout=timeout)
+
+    def _sample_rng(self, url: str, key: str) -> np.random.Generator | None:
+        # Seeded per sample, not per stream, so a resumed reader that skips samples without
+        # decoding them still draws the same start frames for the ones after.
+        if not self.random_start:
+            return None
+        epoch = max(self.clock.epoch, 0) if self.clock is not None else 0
+        return np.random.default_rng([self.seed, epoch, zlib.crc32(f"{Path(url).name}\0{key}".encode())])
 
     def _skip(self, message: str, warn: bool = True) -> None:
         if warn:
@@ -151,16 +197,18 @@ class _DecodeSamples:
             self.skipped.value += 1
 
     def __call__(self, samples: Iterator[Sample]) -> Iterator[Sample]:
-        rng = None
-        if self.clip_options["random_start"]:
-            epoch = self.clock.epoch if self.clock is not None else 0
-            rng = np.random.default_rng(_reader_seed(self.seed, epoch))
         for sample in samples:
             key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
             where = f"sample {key} in shard {url}"
+            if _outside_archive(key):
+                self._skip(f"skipping {where}: its member path points outside the archive")
+                continue
             if "mp4" not in sample:
                 # video2dataset keeps failed downloads as json-only samples: counted, not warned about.
                 self._skip(f"skipping {where}: no .mp4 member", warn=not _is_failed_download(sample))
+                continue
+            if self.require_caption and self.caption_key not in sample:
+                self._skip(f"skipping {where}: no .{self.caption_key} caption")
                 continue
             try:
                 caption = sample[self.caption_key].decode("utf-8") if self.caption_key in sample else ""
@@ -173,7 +221,8 @@ class _DecodeSamples:
                 self._skip(f"skipping {where}: .json is not valid JSON ({exc})")
                 continue
             try:
-                video = decode_clip(sample["mp4"], url=url, key=key, rng=rng, **self.clip_options)
+                video = decode_clip(sample["mp4"], url=url, key=key, rng=self._sample_rng(url, key),
+                                    **self.clip_options)
             except (VideoDecodeError, ClipTooShortError) as exc:
                 self._skip(f"skipping {exc}")
                 continue
@@ -208,7 +257,10 @@ class VideoShardDataModule(lightning.LightningDataModule):
     epoch starts at the trainer's `current_epoch` when the train loader is made (so a resumed
     run continues the sequence), advances by one per pass, and `set_epoch` overrides it.
     `num_frames=None` takes every frame (at `frame_stride`); `size=None` keeps the resolution.
-    Clips shorter than `(num_frames - 1) * frame_stride + 1` are skipped with a warning.
+    Clips shorter than `(num_frames - 1) * frame_stride + 1` are skipped with a warning, as is
+    a clip whose decoding takes longer than `decode_timeout` seconds, a sample without a
+    caption (unless `require_caption=False`: empty caption) and a member whose path would
+    leave the archive; all are counted in `num_skipped_samples`, as are unreadable tar data.
     """
 
     def __init__(
@@ -227,6 +279,8 @@ class VideoShardDataModule(lightning.LightningDataModule):
         seed: int = 0,
         caption_key: str = "txt",
         epoch_samples: int | None = None,
+        decode_timeout: float | None = None,
+        require_caption: bool = True,
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
@@ -242,7 +296,12 @@ class VideoShardDataModule(lightning.LightningDataModule):
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.caption_key = caption_key.lstrip(".").lower()
         self.epoch_samples = epoch_samples
+        self.decode_timeout = decode_timeout
+        self.require_caption = require_caption
         self.train_urls: list[str] | None = None
+        self.shard_sizes: dict[str, int] | None = None
+        self._positions = PositionTracker()
+        self._resume_position: dict[str, Any] | None = None
         self.val_urls: list[str] | None = None
         # Shared memory, so DataLoader workers (forked or spawned) see epoch requests and
         # report skipped samples back.
@@ -263,6 +322,28 @@ class VideoShardDataModule(lightning.LightningDataModule):
     def _world_size(self) -> int:
         trainer = getattr(self, "trainer", None)
         return int(trainer.world_size) if trainer is not None else 1
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Take the reader position off a training batch and remember it (it is the position
+        after the last batch the trainer consumed: prefetched batches are not counted)."""
+        if isinstance(batch, dict) and POSITION_KEY in batch:
+            self._positions.record(batch.pop(POSITION_KEY))
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training data position of all ranks, saved by Lightning in every checkpoint."""
+        state = self._positions.state(self._world_size(), self.num_workers)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self._world_size() > 1:
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, state["readers"])
+            state["readers"] = {k: v for readers in gathered for k, v in readers.items()}
+        return {"position": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training stream where the checkpointed run left it."""
+        position = state_dict.get("position")
+        if position is not None and int(position.get("epoch", -1)) >= 0:
+            self._resume_position = position
 
     @staticmethod
     def _describe(spec: ShardSpec, urls: list[str]) -> str:
@@ -294,17 +375,28 @@ class VideoShardDataModule(lightning.LightningDataModule):
                     f"epoch_samples={self.epoch_samples} gives no batch to each of {readers} "
                     f"readers at batch_size={self.batch_size}; raise epoch_samples"
                 )
+        elif max(self.num_workers, 1) * world_size > 1:
+            # Equal batches per reader need every shard's sample count.
+            sizes = {url: count_shard_samples(url) for url in self.train_urls}
+            unknown = [url for url, n in sizes.items() if n is None]
+            if unknown:
+                raise ValueError(
+                    f"cannot count the samples of shard {unknown[0]} (not a local file), which "
+                    "equal batch counts across readers need; set data.epoch_samples instead"
+                )
+            self.shard_sizes = sizes  # type: ignore[assignment]
 
     def _decode_stage(self, clock: _EpochClock | None, train: bool) -> _DecodeSamples:
         return _DecodeSamples(
             clock, self._skipped, caption_key=self.caption_key, seed=self.seed,
             num_frames=self.num_frames, stride=self.frame_stride,
             random_start=self.random_start and train, size=self.size, channels=self.channels,
+            timeout=self.decode_timeout, require_caption=self.require_caption,
         )
 
     def _read_samples(self) -> Any:
         return wds.tarfile_to_samples(
-            handler=_warn_and_continue, select_files=_SelectFiles({"mp4", "json", self.caption_key})
+            handler=_CountTarErrors(self._skipped), select_files=_SelectFiles({"mp4", "json", self.caption_key})
         )
 
     def train_pipeline(self) -> wds.DataPipeline:
@@ -315,16 +407,17 @@ class VideoShardDataModule(lightning.LightningDataModule):
         if trainer is not None:
             self.set_epoch(int(trainer.current_epoch))
         clock = _EpochClock(self._requested_epoch)
+        plan = ReaderPlan(self.seed, self.batch_size, self.shard_sizes, self.epoch_samples,
+                          resume=self._resume_position)
+        self._resume_position = None  # applies to this loader's first pass only
         return wds.DataPipeline(
             wds.SimpleShardList(self.train_urls),
-            _ShuffleShards(clock, self.seed, cycle=self.epoch_samples is not None),
-            wds.split_by_node,
-            wds.split_by_worker,
+            AssignShards(clock, plan),
             self._read_samples(),
-            _ShuffleSamples(clock, self.seed, self.shuffle_buffer) if self.shuffle_buffer > 1 else None,
+            ShuffleSamples(plan, self.shuffle_buffer) if self.shuffle_buffer > 1 else None,
+            SkipConsumed(plan),
             self._decode_stage(clock, train=True),
-            wds.batched(self.batch_size, collation_fn=collate_clips, partial=False),
-            _TakeBatchesPerReader(self.epoch_samples, self.batch_size) if self.epoch_samples else None,
+            BatchReaderSamples(plan, collate_clips),
         )
 
     def val_pipeline(self) -> wds.DataPipeline:
@@ -342,13 +435,21 @@ class VideoShardDataModule(lightning.LightningDataModule):
             wds.batched(self.val_batch_size, collation_fn=collate_clips, partial=True),
         )
 
+    def _loader_timeout(self, num_workers: int) -> float:
+        # Backstop for a decoder stuck in C code, which the per-sample alarm cannot interrupt:
+        # the run stops with the DataLoader's timeout error instead of hanging forever.
+        if not self.decode_timeout or num_workers == 0:
+            return 0
+        return self.decode_timeout * max(self.batch_size, self.val_batch_size) * 4
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_pipeline(), batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          timeout=self._loader_timeout(self.num_workers))
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_shards is None:
             return []
         num_workers = min(self.num_workers, len(self.val_urls or resolve_shards(self.val_shards)))
         return DataLoader(self.val_pipeline(), batch_size=None, num_workers=num_workers,
-                          persistent_workers=num_workers > 0)
+                          persistent_workers=num_workers > 0, timeout=self._loader_timeout(num_workers))

@@ -82,7 +82,9 @@ def resolve_checkpoint(ref: str, runs_dir: Path) -> tuple[Path, Path]:
     if path.suffix == ".ckpt":
         if not path.is_file():
             raise RunError(f"checkpoint {path} does not exist")
-        return path.resolve().parent.parent, path
+        # checkpoints/NAME.ckpt, or a SLURM pre-emption hpc_ckpt_N.ckpt in the run folder itself
+        parent = path.resolve().parent
+        return (parent.parent if parent.name == "checkpoints" else parent), path
     run_dir = find_run_dir(ref, runs_dir)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():

@@ -349,7 +349,34 @@ def _without_id(value: Any, run_id: str) -> Any:
     return value.replace(run_id, "<run_id>") if isinstance(value, str) and run_id else value
 
 
+def select_runs(runs_dir: Path, group: str | None = None, tags: list[str] | None = None) -> list[str]:
+    """Ids of the local runs whose W&B group (`logger.group` in config.yaml) is `group` and
+    that carry every tag in `tags` (`logger.tags`), oldest first."""
+    chosen = []
+    for run in find_runs(runs_dir):
+        cfg = load_flat_config(run.path) or {}
+        run_tags = cfg.get("logger.tags") or []
+        if group is not None and cfg.get("logger.group") != group:
+            continue
+        if tags and not set(tags) <= set(run_tags if isinstance(run_tags, list) else [run_tags]):
+            continue
+        chosen.append(run.id)
+    return chosen
+
+
 # --- online (W&B server, needs an account and network; not used offline) ----------------------
+
+
+def select_online_runs(project_path: str, group: str | None = None, tags: list[str] | None = None) -> list[str]:
+    """Ids of the runs of ``ENTITY/PROJECT`` on the W&B server in `group` with all `tags`."""
+    import wandb
+
+    filters: dict[str, Any] = {}
+    if group is not None:
+        filters["group"] = group
+    if tags:
+        filters["tags"] = {"$all": list(tags)}
+    return [run.id for run in wandb.Api().runs(project_path, filters=filters)]
 
 
 def online_runs(project_path: str) -> list[tuple[RunInfo, dict[str, Any]]]:

@@ -29,6 +29,8 @@ from experiments.run_history import (
     metric_names,
     online_history_and_config,
     online_runs,
+    select_online_runs,
+    select_runs,
     summarize,
 )
 
@@ -43,6 +45,9 @@ examples:
   effvid-runs compare 20250101-100000-ab12 20250102-093000-cd34 --metrics train/loss,val/digit_accuracy \\
       --x time --out compare.png
   effvid-runs compare 20250101-100000-ab12 20250102-093000-cd34 --format json > compare.json
+  effvid-runs compare --group sweep-20250101-100000-ab12 --x both   # every run of a sweep, step + time plots
+  effvid-runs compare --tag baseline --tag digits RUN_C               # tagged runs plus one more
+  effvid-runs compare --online my-team/effvid --group digits_quickstart --format markdown
   effvid-runs list --online my-team/effvid           # runs on the W&B server (needs login)
 
 A run's history is read from RUNS_DIR/RUN_ID/wandb/ with `wandb leet inspect`; the segments
@@ -75,13 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", parents=[common],
                              help="last/best metric values, config differences and a plot of runs",
                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    compare.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="ids of the runs to compare (usually two or more)")
+    compare.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="ids of the runs to compare (any number)")
+    compare.add_argument("--group", default=None, help="add every run of this W&B group (logger.group)")
+    compare.add_argument("--tag", action="append", default=[], dest="tags",
+                         help="add every run with this W&B tag (logger.tags); repeat to require several")
     compare.add_argument("--metrics", default=None,
                          help="comma-separated metric names (default: every metric all the runs logged)")
     compare.add_argument("--out", type=Path, default=None,
                          help="PNG to write (default: RUNS_DIR/compare-<idA>-<idB>.png)")
-    compare.add_argument("--x", choices=("step", "time"), default="step",
-                         help="x axis of the plot: global step or training time (default: step)")
+    compare.add_argument("--x", choices=("step", "time", "both"), default="step",
+                         help="x axis of the plot: global step, training time, or both as two PNGs "
+                              "(-step.png, -time.png) (default: step)")
     compare.set_defaults(func=cmd_compare)
     return parser
 
@@ -139,7 +148,16 @@ def _short_time(iso: str) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    run_ids = list(dict.fromkeys(args.run_ids))  # keep order, drop repeats
+    selected: list[str] = []
+    if args.group is not None or args.tags:
+        selected = (select_online_runs(args.online, args.group, args.tags) if args.online
+                    else select_runs(args.runs_dir, args.group, args.tags))
+        if not selected:
+            where = args.online or args.runs_dir
+            raise ValueError(f"no run in {where} has group={args.group!r} and tags={args.tags}")
+    run_ids = list(dict.fromkeys([*args.run_ids, *selected]))  # keep order, drop repeats
+    if not run_ids:
+        raise ValueError("name runs to compare: RUN_ID ..., --group GROUP or --tag TAG")
     histories, configs = _load_runs(args, run_ids)
 
     if args.metrics:
@@ -164,8 +182,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if any(s[m]["last"] is not None for s in summaries.values() for m in metrics):
         from experiments.run_plots import plot_metrics  # matplotlib only when plotting
 
-        out = args.out or Path(args.runs_dir) / f"compare-{'-'.join(run_ids)}.png"
-        plot = plot_metrics(histories, metrics, out, x=args.x)
+        name = "-".join(run_ids) if len(run_ids) <= 4 else f"{'-'.join(run_ids[:3])}-and-{len(run_ids) - 3}-more"
+        out = args.out or Path(args.runs_dir) / f"compare-{name}.png"
+        if args.x == "both":
+            plot = plot_metrics(histories, metrics, out.with_name(f"{out.stem}-step.png"), x="step")
+            plot_metrics(histories, metrics, out.with_name(f"{out.stem}-time.png"), x="time")
+        else:
+            plot = plot_metrics(histories, metrics, out, x=args.x)
 
     print(render_comparison(run_ids, metrics, summaries, diffs, plot, args.format), end="")
     if plot is not None and args.format in ("csv", "json"):

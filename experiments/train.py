@@ -14,6 +14,7 @@ not from today's config files, so it continues exactly the experiment that was s
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from experiments.checkpoints import check_checkpoint_fits
 from experiments.run_callbacks import RunRecorder
 from experiments.run_dir import (
     RunError,
@@ -60,8 +62,18 @@ def prepare_argv(argv: list[str]) -> list[str]:
         ]  # fmt: skip
     run_id = values.get("run_id") or new_run_id()
     if (runs_dir / run_id / "config.yaml").exists():
+        requeued = os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
+        if requeued and (ckpt := newest_checkpoint(runs_dir / run_id)) is not None:
+            # A requeued SLURM job re-runs its original command: continue the run instead.
+            return prepare_argv([*(a for a in argv if not a.startswith("run_id=")), f"resume={ckpt}"])
         raise RunError(f"run {run_id!r} already exists in {runs_dir}/; continue it with resume={run_id}")
     return [a for a in argv if not a.startswith("run_id=")] + [f"run_id={run_id}"]
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The latest of last.ckpt and Lightning's SLURM pre-emption checkpoints (hpc_ckpt_N)."""
+    candidates = [*run_dir.glob("hpc_ckpt_*.ckpt"), *run_dir.glob("checkpoints/last.ckpt")]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
 def check_resumable(run_dir: Path, overrides: dict[str, str]) -> None:
@@ -87,6 +99,8 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.paradigm, net=instantiate(cfg.model))
+    if cfg.get("compile"):
+        model.net.compile()  # in place: parameter names (and checkpoints) stay the same
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not logger:  # Lightning refuses a LearningRateMonitor without a logger; nothing to log to
@@ -101,13 +115,17 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume) the run described by `cfg`; returns the final logged metrics."""
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        with open_dict(cfg):  # every job of a sweep is a run of its own
+        with open_dict(cfg):  # every job of a sweep is a run of its own, one W&B group per sweep
+            if cfg.get("logger") and "group" in cfg.logger:
+                cfg.logger.group = f"sweep-{cfg.run_id}"
             cfg.run_id = f"{cfg.run_id}-{HydraConfig.get().job.num}"
     run_dir = Path(cfg.runs_dir) / cfg.run_id
     resuming = bool(cfg.get("resume"))
     try:
         datamodule, model, trainer = build(cfg, run_dir)
         datamodule.setup("fit")  # bad shard paths fail here, before the run folder is kept
+        if resuming:
+            check_checkpoint_fits(cfg.resume, model)
     except (InstantiationException, FileNotFoundError, ValueError, RunError) as error:
         if not resuming:  # a run that never started leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -121,7 +139,15 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     print(f"effvid: run {cfg.run_id} -> {run_dir}" + (f" (resuming {cfg.resume})" if resuming else ""))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.resume or None)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.resume or None)
+    except SIGTERMException:  # preempted: PreemptionCheckpoint saved last.ckpt
+        finish_wandb()
+        print(f"effvid: run {cfg.run_id} stopped by a signal at step {trainer.global_step}; "
+              f"continue with: effvid-train resume={cfg.run_id}")
+        raise SystemExit(0) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     update_run_status(

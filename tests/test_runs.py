@@ -195,3 +195,44 @@ def test_help_has_examples(capsys) -> None:
     with pytest.raises(SystemExit):
         runs_cli.main(["--help"])
     assert "effvid-runs compare" in capsys.readouterr().out
+
+
+def test_compare_selects_runs_by_group_and_tag_and_plots_step_and_time(runs_dir: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    local = tmp_path / "runs"
+    for run_id, extra in (("aaa11111", "  group: sweep-1\n  tags: [lr, digits]\n"),
+                          ("bbb22222", "  group: sweep-1\n  tags: [digits]\n")):
+        shutil.copytree(runs_dir / run_id, local / run_id)
+        config = local / run_id / "config.yaml"
+        config.write_text(config.read_text().replace("logger:\n", "logger:\n" + extra))
+    out = tmp_path / "cmp.png"
+    assert runs_cli.main(["compare", "--group", "sweep-1", "--runs-dir", str(local), "--format", "json",
+                          "--x", "both", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["runs"] == ["aaa11111", "bbb22222"]
+    assert report["metrics"]["bbb22222"]["train/loss"]["last"] == 0.4  # resumed run: one continuous history
+    for axis in ("step", "time"):
+        assert (tmp_path / f"cmp-{axis}.png").read_bytes()[:8] == PNG_MAGIC
+    assert runs_cli.main(["compare", "--tag", "lr", "--runs-dir", str(local), "--format", "csv"]) == 0
+    text = capsys.readouterr().out
+    assert "aaa11111" in text and "bbb22222" not in text
+    assert runs_cli.main(["compare", "--group", "nope", "--runs-dir", str(local)]) == 1
+    assert "group='nope'" in capsys.readouterr().err
+
+
+def test_compare_online_selects_by_group_and_tag_through_the_wandb_api(monkeypatch) -> None:
+    import wandb
+
+    from experiments.run_history import select_online_runs
+
+    asked = []
+
+    class FakeApi:
+        def runs(self, path, filters=None):
+            asked.append((path, filters))
+            return [type("Run", (), {"id": "r1"})(), type("Run", (), {"id": "r2"})()]
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    assert select_online_runs("team/effvid", "sweep-1", ["lr"]) == ["r1", "r2"]
+    assert asked == [("team/effvid", {"group": "sweep-1", "tags": {"$all": ["lr"]}})]

@@ -14,9 +14,11 @@ scale/shift in every ResBlock; per-token text features enter by cross-attention 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from einops import rearrange, repeat
 from torch import Tensor, nn
@@ -73,6 +75,8 @@ class FactorizedUNet(nn.Module):
         temporal: `channels -> nn.Module` building a temporal op (see `temporal.py`); None
             gives an image model applied frame by frame.
         dropout: dropout inside ResBlocks.
+        gradient_checkpointing: recompute each stage's activations in the backward pass
+            instead of storing them (less memory, ~30% more compute); training only.
     """
 
     def __init__(
@@ -88,8 +92,10 @@ class FactorizedUNet(nn.Module):
         heads: int = 4,
         temporal: Callable[[int], nn.Module] | None = None,
         dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         channels = list(channels)
         if not (len(channels) == len(attention_levels) == len(temporal_levels)):
             raise ValueError(
@@ -151,6 +157,11 @@ class FactorizedUNet(nn.Module):
         self.conv_out = zero_init(nn.Conv2d(c_in, out_channels, 3, padding=1))
         self.blocks_per_level = blocks_per_level
 
+    def _stage(self, stage: UNetStage, *args: Any) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(stage, *args, use_reentrant=False)
+        return stage(*args)
+
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -189,15 +200,15 @@ class FactorizedUNet(nn.Module):
         h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for index, stage in enumerate(self.down_stages):
-            h = stage(h, embedding, num_frames, context, context_mask)
+            h = self._stage(stage, h, embedding, num_frames, context, context_mask)
             skips.append(h)
             if (index + 1) % self.blocks_per_level == 0:
                 h = self.downsamplers[index // self.blocks_per_level](h)
 
-        h = self.mid_stage(h, embedding, num_frames, context, context_mask)  # (B*F, C_last, H/2^L, W/2^L)
+        h = self._stage(self.mid_stage, h, embedding, num_frames, context, context_mask)  # (B*F, C_last, H/2^L, W/2^L)
 
         for index, stage in enumerate(self.up_stages):
-            h = stage(torch.cat([h, skips.pop()], dim=1), embedding, num_frames, context, context_mask)
+            h = self._stage(stage, torch.cat([h, skips.pop()], dim=1), embedding, num_frames, context, context_mask)
             if (index + 1) % self.blocks_per_level == 0:
                 h = self.upsamplers[index // self.blocks_per_level](h)
 

@@ -1,0 +1,40 @@
+"""Run by tests/test_ddp_data.py: Lightning DDP on CPU (2 processes, gloo) over the shards in
+argv[1]; every rank writes the keys of each training batch it got to argv[2]/rank-R.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from datamodules import VideoShardDataModule
+
+
+class KeyRecorder(L.LightningModule):
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        self.out = out
+        self.keys: dict[int, list[list[str]]] = {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.keys.setdefault(self.current_epoch, []).append(list(batch["key"]))
+        return self.layer(batch["video"].mean(dim=(1, 2, 3, 4)).unsqueeze(1)).pow(2).mean()
+
+    def on_train_end(self) -> None:
+        (self.out / f"rank-{self.global_rank}.json").write_text(json.dumps(self.keys))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+if __name__ == "__main__":
+    shards, out, num_workers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    datamodule = VideoShardDataModule(shards, batch_size=2, num_workers=num_workers, num_frames=2,
+                                      frame_stride=1, size=8, shuffle_buffer=4)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(KeyRecorder(out), datamodule=datamodule)

@@ -1,0 +1,42 @@
+"""DDP on CPU (Lightning, 2 processes, gloo) over uneven shards: every rank gets the same
+number of batches in every epoch and no clip is seen twice within an epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import webdataset as wds
+
+from data_tools.video_io import encode_mp4
+from tests.test_video_datamodule import indexed_clip
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def uneven_shards(shard_dir: Path, sizes: list[int]) -> None:
+    shard_dir.mkdir(parents=True)
+    clip = encode_mp4(indexed_clip(0, num_frames=2, height=16, width=16))
+    for index, size in enumerate(sizes):
+        with wds.TarWriter(str(shard_dir / f"shard-{index:06d}.tar")) as sink:
+            for j in range(size):
+                sink.write({"__key__": f"s{index}-{j}", "mp4": clip, "txt": b"a clip", "json": b"{}"})
+
+
+def test_ddp_ranks_get_equal_batches_and_no_duplicate_keys_on_uneven_shards(tmp_path: Path) -> None:
+    uneven_shards(tmp_path / "shards", [10, 10, 10, 3])
+    out = tmp_path / "out"
+    out.mkdir()
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_probe.py"), str(tmp_path / "shards"), str(out), "1"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+    for epoch in ("0", "1"):
+        counts = [len(rank[epoch]) for rank in ranks]
+        assert counts[0] == counts[1] == 6  # loads 20 and 13 samples: 6 batches of 2 each
+        seen = [k for rank in ranks for batch in rank[epoch] for k in batch]
+        assert len(seen) == len(set(seen)) == 24
