@@ -1,6 +1,10 @@
-"""Text conditioning through open_clip's text tower.
+"""Conditioning: open_clip text and image embeddings, and known frames (masked-frame
+conditioning).
 
-Three ways to get a tower, one interface:
+Text conditioning goes through open_clip's text tower (`OpenClipTextEncoder`), or through a
+whole CLIP whose image and text embeddings share one space (`OpenClipEmbedder`).
+
+Three ways to get a text tower, one interface:
 
 - `pretrained="laion2b_s34b_b79k"` (with a `model_name`): open_clip's real loading path,
   for users who have the weights;
@@ -18,6 +22,7 @@ from typing import Any
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.model import _build_text_tower
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import TextTransformer
@@ -137,3 +142,97 @@ class OpenClipTextEncoder(nn.Module):
         """Tokenize on the CPU and embed on the module's device."""
         device = next(self.parameters()).device
         return self(self.tokenize(captions).to(device))
+
+
+def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+class OpenClipEmbedder(nn.Module):
+    """A whole open_clip CLIP (image and text towers) giving embeddings in one shared space:
+    Make-A-Video's decoder is trained on image embeddings and driven by text embeddings.
+
+    Three ways to get a model, one interface:
+
+    - `model_name` + `pretrained`: open_clip's real loading path, for users with the weights;
+    - `embed_dim` + `vision_cfg` + `text_cfg`: a tiny random-initialised CLIP, what the
+      embedded default trains contrastively first (`ClipPretraining`, the `clip` stage);
+    - either, plus `weights`: a checkpoint of that stage (`runs/RUN_ID/checkpoints/last.ckpt`).
+
+    Images come in the data range [-1, 1], 1 or 3 channels; they are resized to the tower's
+    input size and normalised with CLIP's mean and std. Embeddings are L2-normalised.
+
+    Args:
+        trainable: train the towers (the clip stage); otherwise frozen and in eval mode.
+        freeze_token_embedding: when trainable, keep the 49408-row token table fixed (its
+            dense AdamW update dominates a tiny tower's step on a CPU).
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        pretrained: str | None = None,
+        embed_dim: int | None = None,
+        vision_cfg: dict[str, Any] | None = None,
+        text_cfg: dict[str, Any] | None = None,
+        weights: str | None = None,
+        trainable: bool = False,
+        freeze_token_embedding: bool = True,
+    ) -> None:
+        super().__init__()
+        if vision_cfg is not None or text_cfg is not None:
+            if embed_dim is None or vision_cfg is None or text_cfg is None:
+                raise ValueError("OpenClipEmbedder: a random CLIP needs embed_dim, vision_cfg and text_cfg")
+            self.model = open_clip.CLIP(embed_dim, dict(vision_cfg), dict(text_cfg))
+            self.tokenizer = SimpleTokenizer(context_length=self.model.context_length)
+        elif model_name is not None:
+            self.model = open_clip.create_model(model_name, pretrained=pretrained)
+            self.tokenizer = open_clip.get_tokenizer(model_name)
+        else:
+            raise ValueError("OpenClipEmbedder: needs model_name or embed_dim + vision_cfg + text_cfg")
+        if weights is not None:
+            self.load_stage_weights(weights)
+        size = self.model.visual.image_size
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.register_buffer("mean", torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
+        self.trainable = trainable
+        if not trainable:
+            self.requires_grad_(False)
+            self.eval()
+        elif freeze_token_embedding:
+            self.model.token_embedding.requires_grad_(False)
+
+    def load_stage_weights(self, path: str) -> None:
+        """Load the CLIP of a clip-stage checkpoint (its `clip.model.*` entries)."""
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for missing or foreign files
+            raise ValueError(f"OpenClipEmbedder: cannot read weights {path}: {error}") from None
+        state = _strip_prefix(checkpoint.get("state_dict", checkpoint), "clip.model.")
+        if not state:
+            raise ValueError(f"OpenClipEmbedder: {path} holds no clip.model.* weights (not a clip-stage checkpoint)")
+        self.model.load_state_dict(state)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[1])
+
+    def train(self, mode: bool = True) -> OpenClipEmbedder:
+        return super().train(mode and self.trainable)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """L2-normalised image embeddings `(B, D)` of images `(B, C, H, W)` in [-1, 1]."""
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        if tuple(images.shape[-2:]) != self.image_size:
+            images = F.interpolate(images, size=self.image_size, mode="bilinear", antialias=True, align_corners=False)
+        pixels = ((images + 1) / 2 - self.mean) / self.std
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return F.normalize(self.model.encode_image(pixels), dim=-1)
+
+    def encode_text(self, captions: list[str]) -> Tensor:
+        """L2-normalised text embeddings `(B, D)`."""
+        tokens = self.tokenizer(list(captions)).to(self.model.logit_scale.device)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return F.normalize(self.model.encode_text(tokens), dim=-1)
