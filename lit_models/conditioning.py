@@ -236,3 +236,62 @@ class OpenClipEmbedder(nn.Module):
         tokens = self.tokenizer(list(captions)).to(self.model.logit_scale.device)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+
+# --- masked-frame conditioning ---------------------------------------------------------
+
+FRAME_MASK_MODES = ("none", "image_to_video", "prediction", "interpolation")
+
+
+def random_frame_masks(
+    batch_size: int,
+    num_frames: int,
+    modes: tuple[str, ...] = FRAME_MASK_MODES,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Known-frame masks `(B, F)` bool for training, one mode drawn uniformly per clip:
+    `none` (unconditional generation), `image_to_video` (first frame known), `prediction`
+    (a random prefix of 1..F-1 frames known: video prediction and autoregressive extension)
+    and `interpolation` (every other frame known, random phase: temporal upsampling)."""
+    unknown = set(modes) - set(FRAME_MASK_MODES)
+    if unknown or not modes:
+        raise ValueError(f"random_frame_masks: unknown modes {sorted(unknown)}; choose from {FRAME_MASK_MODES}")
+    masks = torch.zeros(batch_size, num_frames, dtype=torch.bool)
+    frames = torch.arange(num_frames)
+    for row, choice in enumerate(torch.randint(0, len(modes), (batch_size,), generator=generator).tolist()):
+        mode = modes[choice]
+        if mode == "image_to_video":
+            masks[row, 0] = True
+        elif mode == "prediction" and num_frames > 1:
+            masks[row, : int(torch.randint(1, num_frames, (1,), generator=generator))] = True
+        elif mode == "interpolation" and num_frames > 1:
+            masks[row] = frames % 2 == int(torch.randint(0, 2, (1,), generator=generator))
+    return masks
+
+
+class MaskedFrameConditioning(nn.Module):
+    """Wrap a denoiser so that known frames and their mask are concatenated to its noisy
+    input along channels: `net(cat[x_t, known * mask, mask])` (Make-A-Video's and Video LDM's
+    interpolation, LVDM's prediction and long-video extension, image-to-video).
+
+    The wrapped net takes `2 C + 1` input channels and predicts `C`. Without `known` (plain
+    generation) the mask is all zeros, the case training teaches with the `none` mode.
+
+    Args:
+        net: the denoiser, built with `in_channels = 2 * channels + 1`, `out_channels = channels`.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(
+        self, x: Tensor, timesteps: Tensor, known: Tensor | None = None, known_mask: Tensor | None = None, **conditioning: Any
+    ) -> Tensor:
+        # x, known: (B, C, F, H, W); known_mask: (B, F) bool, True = frame given
+        batch_size, _, num_frames, height, width = x.shape
+        if known is None or known_mask is None:
+            known = torch.zeros_like(x)
+            known_mask = torch.zeros(batch_size, num_frames, dtype=torch.bool, device=x.device)
+        mask = known_mask.to(x.dtype)[:, None, :, None, None].expand(batch_size, 1, num_frames, height, width)
+        return self.net(torch.cat([x, known * mask, mask], dim=1), timesteps, **conditioning)

@@ -17,6 +17,7 @@ the prior's image embedding predicted from it.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -28,9 +29,11 @@ from torch import Tensor, nn
 from data_tools.digits import image_caption_for
 from lit_models.conditioning import OpenClipEmbedder
 from lit_models.diffusion import Conditioning
+from lit_models.metrics import parse_digit_caption, score_digit_videos
 from lit_models.text_to_video import TextToVideo
 
 STAGES = ("t2i", "video")
+_IMAGE_CAPTION = re.compile(r"^a handwritten (\d)$")
 
 
 def load_state_dict_from(path: str) -> dict[str, Tensor]:
@@ -194,6 +197,16 @@ class ImageTextToVideo(TextToVideo):
             keep = (torch.rand(embedding.shape[0], device=embedding.device) >= self.cfg_dropout).to(embedding.dtype)
             embedding = embedding * keep[:, None]
         return self.as_conditioning(embedding)
+
+    def score(self, prompts: Sequence[str], videos: Tensor) -> dict[str, float]:
+        """The digit metric also for still-image captions ("a handwritten 7"), without the
+        direction score: the video stage learns motion from uncaptioned clips."""
+        if all(parse_digit_caption(p) is not None for p in prompts):
+            return super().score(prompts, videos)
+        matches = [_IMAGE_CAPTION.match(p) for p in prompts]
+        if not matches or not all(matches):
+            return {}
+        return score_digit_videos(videos, [int(m.group(1)) for m in matches])
 
     # --- training -----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
