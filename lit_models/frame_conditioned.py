@@ -41,7 +41,7 @@ class FrameConditionedTextToVideo(TextToVideo):
         videos = batch["video"]  # (B, C, F, H, W)
         generator = None if drop else torch.Generator().manual_seed(0)  # fixed masks at validation
         mask = random_frame_masks(videos.shape[0], videos.shape[2], self.mask_modes, generator).to(videos.device)
-        return {**conditioning, "known": videos, "known_mask": mask}
+        return {**conditioning, "known": self.encode_data(videos), "known_mask": mask}
 
     @torch.no_grad()
     def generate_with_frames(
@@ -57,11 +57,12 @@ class FrameConditionedTextToVideo(TextToVideo):
         """Videos shaped like `known` `(B, C, F, H, W)`, its frames where `known_mask` `(B, F)`
         is True given (and copied into the result)."""
         known, known_mask = known.to(self.device), known_mask.to(self.device)
-        frames = {"known": known, "known_mask": known_mask}
+        frames = {"known": self.encode_data(known), "known_mask": known_mask}
         conditioning = {**self.encode_captions(prompts), **frames}
         unconditioning = {**self.encode_captions([""] * len(prompts)), **frames}
         generator = torch.Generator().manual_seed(seed)
-        videos = self.sample(tuple(known.shape), conditioning, unconditioning, sampler, steps, guidance_scale, generator)
+        shape = self.data_shape(tuple(known.shape))
+        videos = self.decode_data(self.sample(shape, conditioning, unconditioning, sampler, steps, guidance_scale, generator))
         return torch.where(known_mask[:, None, :, None, None], known, videos)
 
     @torch.no_grad()

@@ -93,6 +93,7 @@ class JointImageVideo(TextToVideo):
 
     def joint_loss(self, batch: dict[str, Any], drop: bool, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         x0, image_frames, weights, captions = self.arrange(batch)
+        x0 = self.encode_data(x0)  # per frame, so appended images encode as images
         losses = self.frame_losses(x0, self.frame_conditioning(captions, image_frames, drop), generator)
         video_weights = weights * ~image_frames
         image_weights = weights * image_frames

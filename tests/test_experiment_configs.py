@@ -57,3 +57,13 @@ def test_tiny_system_builds_and_denoises(name):
     conditioning = module.encode_captions(["a handwritten 3 moving up", ""])
     out = module.net(x, torch.tensor([10, 900]), **conditioning)
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_latent_option_composes_onto_a_system_and_diffuses_latents():
+    overrides = [*TINY, "+autoencoder=digits", "paradigm.autoencoder.weights=null", "paradigm.autoencoder.block_out_channels=[8,16]", "paradigm.autoencoder.norm_num_groups=4"]
+    cfg = compose_experiment("magicvideo", overrides)
+    torch.manual_seed(0)
+    module = instantiate(cfg.paradigm, net=instantiate(cfg.model))
+    assert module.net.conv_in.in_channels == 4
+    videos = module.generate(["a handwritten 3 moving up"], steps=1, num_frames=2)
+    assert videos.shape == (1, 1, 2, 16, 16)
