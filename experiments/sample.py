@@ -3,11 +3,14 @@
     effvid-sample                                          # latest run, its validation prompts
     effvid-sample run=RUN_ID prompts='[a handwritten 3 moving up]' samples_per_prompt=4
     effvid-sample ckpt=runs/RUN_ID/checkpoints/last.ckpt sampler=ddim steps=50 guidance=2
+    effvid-sample run=RUN_ID --extend 16       # 16 more frames, autoregressively (masked-frame runs)
+    effvid-sample run=RUN_ID --interpolate     # twice the frame rate (masked-frame runs)
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,8 @@ def load_model(ckpt_path: Path, run_dir: Path) -> tuple[Any, DictConfig]:
         cfg = OmegaConf.load(run_dir / "config.yaml")
     else:
         raise RunError(f"{ckpt_path} is not an effvid checkpoint and {run_dir}/config.yaml is missing")
-    model = instantiate(cfg.paradigm, net=instantiate(cfg.model))
+    # A paradigm without a denoiser (Make-A-Video's clip stage) runs with model=null.
+    model = instantiate(cfg.paradigm, net=instantiate(cfg.model) if cfg.get("model") else None)
     missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
         raise RunError(
@@ -61,6 +65,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     videos = model.generate(
         prompts, sampler=sampler, steps=steps, guidance_scale=guidance, seed=cfg.seed, num_frames=cfg.num_frames
     )
+    videos = extend_or_interpolate(model, cfg, prompts, videos, dict(sampler=sampler, steps=steps, guidance_scale=guidance))
     out = Path(cfg.out) if cfg.out else run_dir / "samples" / dt.datetime.now().strftime("sample-%Y%m%d-%H%M%S")
     paths = save_samples(videos, prompts, out, fps=model.sample_fps)
     scores = model.score(prompts, videos)
@@ -70,6 +75,37 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         print(f"  {name:24s} {value:.4f}")
     print(f"  grid   {paths['grid']}\n  videos {out}/*.mp4")
     return {"videos": videos, "paths": paths, "scores": scores}
+
+
+def extend_or_interpolate(model: Any, cfg: DictConfig, prompts: list[str], videos: torch.Tensor, sampling: dict) -> torch.Tensor:
+    """`--extend N` / `--interpolate`, for runs trained with masked-frame conditioning."""
+    if not cfg.extend and not cfg.interpolate:
+        return videos
+    if not hasattr(model, "extend"):
+        raise RunError(
+            f"--extend/--interpolate need a masked-frame model (e.g. experiment=lvdm); this run's "
+            f"paradigm is {type(model).__name__}"
+        )
+    if cfg.extend:
+        videos = model.extend(prompts, videos, int(cfg.extend), seed=cfg.seed + 1, **sampling)
+    if cfg.interpolate:
+        videos = model.interpolate(prompts, videos, seed=cfg.seed + 2, **sampling)
+    return videos
+
+
+def translate_flags(argv: list[str]) -> list[str]:
+    """`--extend N` -> `extend=N`, `--interpolate` -> `interpolate=true` (Hydra takes key=value)."""
+    out, args = [], iter(argv)
+    for arg in args:
+        if arg == "--extend":
+            out.append(f"extend={next(args, '')}")
+        elif arg.startswith("--extend="):
+            out.append(f"extend={arg.split('=', 1)[1]}")
+        elif arg == "--interpolate":
+            out.append("interpolate=true")
+        else:
+            out.append(arg)
+    return out
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
@@ -82,6 +118,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    sys.argv = [sys.argv[0], *translate_flags(sys.argv[1:])]
     hydra_main()
 
 

@@ -98,8 +98,9 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.paradigm, net=instantiate(cfg.model))
-    if cfg.get("compile"):
+    # A paradigm without a denoiser (Make-A-Video's clip stage) runs with model=null.
+    model = instantiate(cfg.paradigm, net=instantiate(cfg.model) if cfg.get("model") else None)
+    if cfg.get("compile") and getattr(model, "net", None) is not None:
         model.net.compile()  # in place: parameter names (and checkpoints) stay the same
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]

@@ -1,6 +1,10 @@
-"""Text conditioning through open_clip's text tower.
+"""Conditioning: open_clip text and image embeddings, and known frames (masked-frame
+conditioning).
 
-Three ways to get a tower, one interface:
+Text conditioning goes through open_clip's text tower (`OpenClipTextEncoder`), or through a
+whole CLIP whose image and text embeddings share one space (`OpenClipEmbedder`).
+
+Three ways to get a text tower, one interface:
 
 - `pretrained="laion2b_s34b_b79k"` (with a `model_name`): open_clip's real loading path,
   for users who have the weights;
@@ -18,6 +22,7 @@ from typing import Any
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.model import _build_text_tower
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import TextTransformer
@@ -137,3 +142,156 @@ class OpenClipTextEncoder(nn.Module):
         """Tokenize on the CPU and embed on the module's device."""
         device = next(self.parameters()).device
         return self(self.tokenize(captions).to(device))
+
+
+def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+class OpenClipEmbedder(nn.Module):
+    """A whole open_clip CLIP (image and text towers) giving embeddings in one shared space:
+    Make-A-Video's decoder is trained on image embeddings and driven by text embeddings.
+
+    Three ways to get a model, one interface:
+
+    - `model_name` + `pretrained`: open_clip's real loading path, for users with the weights;
+    - `embed_dim` + `vision_cfg` + `text_cfg`: a tiny random-initialised CLIP, what the
+      embedded default trains contrastively first (`ClipPretraining`, the `clip` stage);
+    - either, plus `weights`: a checkpoint of that stage (`runs/RUN_ID/checkpoints/last.ckpt`).
+
+    Images come in the data range [-1, 1], 1 or 3 channels; they are resized to the tower's
+    input size and normalised with CLIP's mean and std. Embeddings are L2-normalised.
+
+    Args:
+        trainable: train the towers (the clip stage); otherwise frozen and in eval mode.
+        freeze_token_embedding: when trainable, keep the 49408-row token table fixed (its
+            dense AdamW update dominates a tiny tower's step on a CPU).
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        pretrained: str | None = None,
+        embed_dim: int | None = None,
+        vision_cfg: dict[str, Any] | None = None,
+        text_cfg: dict[str, Any] | None = None,
+        weights: str | None = None,
+        trainable: bool = False,
+        freeze_token_embedding: bool = True,
+    ) -> None:
+        super().__init__()
+        if vision_cfg is not None or text_cfg is not None:
+            if embed_dim is None or vision_cfg is None or text_cfg is None:
+                raise ValueError("OpenClipEmbedder: a random CLIP needs embed_dim, vision_cfg and text_cfg")
+            self.model = open_clip.CLIP(embed_dim, dict(vision_cfg), dict(text_cfg))
+            self.tokenizer = SimpleTokenizer(context_length=self.model.context_length)
+        elif model_name is not None:
+            self.model = open_clip.create_model(model_name, pretrained=pretrained)
+            self.tokenizer = open_clip.get_tokenizer(model_name)
+        else:
+            raise ValueError("OpenClipEmbedder: needs model_name or embed_dim + vision_cfg + text_cfg")
+        if weights is not None:
+            self.load_stage_weights(weights)
+        size = self.model.visual.image_size
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.register_buffer("mean", torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
+        self.trainable = trainable
+        if not trainable:
+            self.requires_grad_(False)
+            self.eval()
+        elif freeze_token_embedding:
+            self.model.token_embedding.requires_grad_(False)
+
+    def load_stage_weights(self, path: str) -> None:
+        """Load the CLIP of a clip-stage checkpoint (its `clip.model.*` entries)."""
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for missing or foreign files
+            raise ValueError(f"OpenClipEmbedder: cannot read weights {path}: {error}") from None
+        state = _strip_prefix(checkpoint.get("state_dict", checkpoint), "clip.model.")
+        if not state:
+            raise ValueError(f"OpenClipEmbedder: {path} holds no clip.model.* weights (not a clip-stage checkpoint)")
+        self.model.load_state_dict(state)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[1])
+
+    def train(self, mode: bool = True) -> OpenClipEmbedder:
+        return super().train(mode and self.trainable)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """L2-normalised image embeddings `(B, D)` of images `(B, C, H, W)` in [-1, 1]."""
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        if tuple(images.shape[-2:]) != self.image_size:
+            images = F.interpolate(images, size=self.image_size, mode="bilinear", antialias=True, align_corners=False)
+        pixels = ((images + 1) / 2 - self.mean) / self.std
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return F.normalize(self.model.encode_image(pixels), dim=-1)
+
+    def encode_text(self, captions: list[str]) -> Tensor:
+        """L2-normalised text embeddings `(B, D)`."""
+        tokens = self.tokenizer(list(captions)).to(self.model.logit_scale.device)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+
+# --- masked-frame conditioning ---------------------------------------------------------
+
+FRAME_MASK_MODES = ("none", "image_to_video", "prediction", "interpolation")
+
+
+def random_frame_masks(
+    batch_size: int,
+    num_frames: int,
+    modes: tuple[str, ...] = FRAME_MASK_MODES,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Known-frame masks `(B, F)` bool for training, one mode drawn uniformly per clip:
+    `none` (unconditional generation), `image_to_video` (first frame known), `prediction`
+    (a random prefix of 1..F-1 frames known: video prediction and autoregressive extension)
+    and `interpolation` (every other frame known, random phase: temporal upsampling)."""
+    unknown = set(modes) - set(FRAME_MASK_MODES)
+    if unknown or not modes:
+        raise ValueError(f"random_frame_masks: unknown modes {sorted(unknown)}; choose from {FRAME_MASK_MODES}")
+    masks = torch.zeros(batch_size, num_frames, dtype=torch.bool)
+    frames = torch.arange(num_frames)
+    for row, choice in enumerate(torch.randint(0, len(modes), (batch_size,), generator=generator).tolist()):
+        mode = modes[choice]
+        if mode == "image_to_video":
+            masks[row, 0] = True
+        elif mode == "prediction" and num_frames > 1:
+            masks[row, : int(torch.randint(1, num_frames, (1,), generator=generator))] = True
+        elif mode == "interpolation" and num_frames > 1:
+            masks[row] = frames % 2 == int(torch.randint(0, 2, (1,), generator=generator))
+    return masks
+
+
+class MaskedFrameConditioning(nn.Module):
+    """Wrap a denoiser so that known frames and their mask are concatenated to its noisy
+    input along channels: `net(cat[x_t, known * mask, mask])` (Make-A-Video's and Video LDM's
+    interpolation, LVDM's prediction and long-video extension, image-to-video).
+
+    The wrapped net takes `2 C + 1` input channels and predicts `C`. Without `known` (plain
+    generation) the mask is all zeros, the case training teaches with the `none` mode.
+
+    Args:
+        net: the denoiser, built with `in_channels = 2 * channels + 1`, `out_channels = channels`.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(
+        self, x: Tensor, timesteps: Tensor, known: Tensor | None = None, known_mask: Tensor | None = None, **conditioning: Any
+    ) -> Tensor:
+        # x, known: (B, C, F, H, W); known_mask: (B, F) bool, True = frame given
+        batch_size, _, num_frames, height, width = x.shape
+        if known is None or known_mask is None:
+            known = torch.zeros_like(x)
+            known_mask = torch.zeros(batch_size, num_frames, dtype=torch.bool, device=x.device)
+        mask = known_mask.to(x.dtype)[:, None, :, None, None].expand(batch_size, 1, num_frames, height, width)
+        return self.net(torch.cat([x, known * mask, mask], dim=1), timesteps, **conditioning)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lit_models.conditioning import OpenClipTextEncoder
 from lit_models.diffusion import Conditioning, DiffusionModule
+from lit_models.latent import FrameAutoencoder
 from lit_models.metrics import parse_digit_caption, score_digit_videos
 from lit_models.video_logging import save_samples
 
@@ -27,6 +28,8 @@ class TextToVideo(DiffusionModule):
         val_samples_per_prompt: videos drawn per prompt.
         video_shape: `(C, F, H, W)` of sampled videos.
         sample_fps: frame rate of the written sample mp4s.
+        autoencoder: a frozen `FrameAutoencoder` to diffuse in its latent space (clips are
+            encoded per frame before noising, samples decoded); None diffuses pixels.
         **diffusion: `DiffusionModule` arguments.
     """
 
@@ -40,9 +43,11 @@ class TextToVideo(DiffusionModule):
         video_shape: Sequence[int] = (3, 8, 16, 16),
         sample_fps: float = 4.0,
         sample_seed: int = 0,
+        autoencoder: FrameAutoencoder | None = None,
         **diffusion: Any,
     ) -> None:
         super().__init__(net=net, **diffusion)
+        self.autoencoder = autoencoder
         self.text_encoder = text_encoder
         self.cfg_dropout = cfg_dropout
         self.val_prompts = list(val_prompts)
@@ -50,6 +55,20 @@ class TextToVideo(DiffusionModule):
         self.video_shape = tuple(video_shape)
         self.sample_fps = sample_fps
         self.sample_seed = sample_seed
+
+    # --- latent space (identity without an autoencoder) ----------------------------------
+    def encode_data(self, videos: Tensor) -> Tensor:
+        return videos if self.autoencoder is None else self.autoencoder.encode(videos)
+
+    def decode_data(self, latents: Tensor) -> Tensor:
+        return latents if self.autoencoder is None else self.autoencoder.decode(latents)
+
+    def data_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the diffusion runs in for videos of `shape` `(B, C, F, H, W)`."""
+        return shape if self.autoencoder is None else self.autoencoder.latent_shape(shape)
+
+    def diffusion_loss(self, x0: Tensor, conditioning: Conditioning, generator: torch.Generator | None = None) -> Tensor:
+        return super().diffusion_loss(self.encode_data(x0), conditioning, generator)
 
     def encode_captions(self, captions: Sequence[str]) -> Conditioning:
         embedding = self.text_encoder.encode(list(captions))
@@ -78,7 +97,8 @@ class TextToVideo(DiffusionModule):
         conditioning = self.encode_captions(prompts)
         unconditioning = self.encode_captions([""] * len(prompts))
         generator = torch.Generator().manual_seed(seed)
-        return self.sample(shape, conditioning, unconditioning, sampler, steps, guidance_scale, generator)
+        latents = self.sample(self.data_shape(shape), conditioning, unconditioning, sampler, steps, guidance_scale, generator)
+        return self.decode_data(latents)
 
     def on_validation_epoch_start(self) -> None:
         # Sample here, not at epoch end: Lightning runs callback hooks before the module's,

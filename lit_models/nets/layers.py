@@ -95,11 +95,15 @@ class SpatialTransformer(nn.Module):
     def forward(
         self, x: Tensor, num_frames: int, context: Tensor | None = None, context_mask: Tensor | None = None
     ) -> Tensor:
-        # x: (B*F, C, H, W), context: (B, L, D_ctx), context_mask: (B, L)
+        # x: (B*F, C, H, W), context: (B, L, D_ctx) or (B, F, L, D_ctx), context_mask: (B, L) or (B, F, L)
         height, width = x.shape[-2:]
         h = self.proj_in(rearrange(self.norm(x), "n c h w -> n (h w) c"))  # (B*F, HW, C)
         h = h + self.self_attention(self.norm_self(h))
-        if self.cross_attention is not None and context is not None:
+        if self.cross_attention is not None and context is not None and context.ndim == 4:
+            # Per-frame context (B, F, L, D): independent images, each with its own caption.
+            frame_mask = None if context_mask is None else rearrange(context_mask, "b f l -> (b f) l")
+            h = h + self.cross_attention(self.norm_cross(h), rearrange(context, "b f l d -> (b f) l d"), frame_mask)
+        elif self.cross_attention is not None and context is not None:
             # Cross-attention treats every query independently, so the frames of a clip can
             # share one key/value set: (B, F*HW, C) queries instead of F copies of the context.
             h = rearrange(h, "(b f) s c -> b (f s) c", f=num_frames)

@@ -8,7 +8,9 @@ With `temporal=None` the net is a pure image model applied frame by frame.
 
 Conditioning: the timestep embedding plus the projected pooled text embedding drive a
 scale/shift in every ResBlock; per-token text features enter by cross-attention at the
-`attention_levels`.
+`attention_levels`. Conditioning is per clip, or per frame (`pooled` `(B, F, P)`, `context`
+`(B, F, L, D)`) when frames are independent images with captions of their own, marked by
+`image_frames` `(B, F)` so the temporal ops leave them alone (VDM's joint training).
 """
 
 from __future__ import annotations
@@ -46,13 +48,19 @@ class UNetStage(nn.Module):
         self.temporal = temporal(out_channels) if temporal is not None else None
 
     def forward(
-        self, x: Tensor, embedding: Tensor, num_frames: int, context: Tensor | None, context_mask: Tensor | None
+        self,
+        x: Tensor,
+        embedding: Tensor,
+        num_frames: int,
+        context: Tensor | None,
+        context_mask: Tensor | None,
+        image_frames: Tensor | None = None,
     ) -> Tensor:
         x = self.resblock(x, embedding)  # (B*F, C, H, W)
         if self.transformer is not None:
             x = self.transformer(x, num_frames, context, context_mask)
         if self.temporal is not None:
-            x = self.temporal(x, num_frames)
+            x = self.temporal(x, num_frames, image_frames)
         return x
 
 
@@ -166,13 +174,19 @@ class FactorizedUNet(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def embed(self, timesteps: Tensor, batch_size: int, pooled: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """Conditioning embedding `(B, E)` from timesteps and the pooled text embedding."""
+    def embed(
+        self, timesteps: Tensor, batch_size: int, pooled: Tensor | None, dtype: torch.dtype, num_frames: int = 1
+    ) -> Tensor:
+        """Conditioning embedding `(B*F, E)` from timesteps and the pooled text embedding
+        (`(B, P)` per clip or `(B, F, P)` per frame)."""
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(batch_size)
         embedding = self.time_embedding(self.time_proj(timesteps).to(dtype))  # (B, E)
+        embedding = repeat(embedding, "b e -> (b f) e", f=num_frames)  # (B*F, E)
         if self.pooled_embedding is not None and pooled is not None:
-            embedding = embedding + self.pooled_embedding(pooled.to(dtype))
+            if pooled.ndim == 2:
+                pooled = repeat(pooled, "b p -> (b f) p", f=num_frames)
+            embedding = embedding + self.pooled_embedding(rearrange(pooled, "... p -> (...) p").to(dtype))
         return embedding
 
     def forward(
@@ -182,8 +196,10 @@ class FactorizedUNet(nn.Module):
         context: Tensor | None = None,
         pooled: Tensor | None = None,
         context_mask: Tensor | None = None,
+        image_frames: Tensor | None = None,
     ) -> Tensor:
-        # x: (B, C, F, H, W), timesteps: (B,), context: (B, L, D), pooled: (B, P), context_mask: (B, L)
+        # x: (B, C, F, H, W), timesteps: (B,), context: (B, L, D) or (B, F, L, D), pooled: (B, P)
+        # or (B, F, P), context_mask: (B, L) or (B, F, L), image_frames: (B, F) bool
         batch_size, _, num_frames, height, width = x.shape
         factor = 2 ** (self.num_levels - 1)
         if height % factor or width % factor:
@@ -192,23 +208,22 @@ class FactorizedUNet(nn.Module):
             # A row with no real token would make the softmax NaN; let it attend everywhere.
             context_mask = context_mask.bool() | ~context_mask.bool().any(dim=-1, keepdim=True)
 
-        embedding = self.embed(timesteps, batch_size, pooled, x.dtype)
-        embedding = repeat(embedding, "b e -> (b f) e", f=num_frames)  # (B*F, E)
+        embedding = self.embed(timesteps, batch_size, pooled, x.dtype, num_frames)  # (B*F, E)
 
         h = self.conv_in(rearrange(x, "b c f h w -> (b f) c h w"))  # (B*F, C0, H, W)
         # oneDNN's convolutions are faster in channels-last layout on CPU (~5% of the step).
         h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for index, stage in enumerate(self.down_stages):
-            h = self._stage(stage, h, embedding, num_frames, context, context_mask)
+            h = self._stage(stage, h, embedding, num_frames, context, context_mask, image_frames)
             skips.append(h)
             if (index + 1) % self.blocks_per_level == 0:
                 h = self.downsamplers[index // self.blocks_per_level](h)
 
-        h = self._stage(self.mid_stage, h, embedding, num_frames, context, context_mask)  # (B*F, C_last, H/2^L, W/2^L)
+        h = self._stage(self.mid_stage, h, embedding, num_frames, context, context_mask, image_frames)  # (B*F, C_last, H/2^L, W/2^L)
 
         for index, stage in enumerate(self.up_stages):
-            h = self._stage(stage, torch.cat([h, skips.pop()], dim=1), embedding, num_frames, context, context_mask)
+            h = self._stage(stage, torch.cat([h, skips.pop()], dim=1), embedding, num_frames, context, context_mask, image_frames)
             if (index + 1) % self.blocks_per_level == 0:
                 h = self.upsamplers[index // self.blocks_per_level](h)
 
