@@ -212,7 +212,7 @@ class ConsistencyDistillation(_Distillation):
         self.num_ddim_timesteps = num_ddim_timesteps
         self.target_ema = target_ema
         self.huber_c = huber_c
-        self.target = copy.deepcopy(self.net).requires_grad_(False)
+        self.target_net = copy.deepcopy(self.net).requires_grad_(False)
 
     def consistency_function(self, net: nn.Module, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
         """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t)."""
@@ -232,7 +232,7 @@ class ConsistencyDistillation(_Distillation):
         with torch.no_grad():
             teacher_x0, teacher_eps = self.teacher_x0_eps(x_t, timesteps, conditioning, unconditioning)
             x_previous = ddim_step(teacher_x0, teacher_eps, self.alpha_bar(previous))
-            target = self.consistency_function(self.target, x_previous, previous, conditioning)
+            target = self.consistency_function(self.target_net, x_previous, previous, conditioning)
         if self.huber_c is None:
             loss = F.mse_loss(prediction, target)
         else:
@@ -242,5 +242,5 @@ class ConsistencyDistillation(_Distillation):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
-            for target, student in zip(self.target.parameters(), self.net.parameters()):
+            for target, student in zip(self.target_net.parameters(), self.net.parameters()):
                 target.lerp_(student, 1 - self.target_ema)

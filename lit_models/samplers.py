@@ -17,8 +17,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "ddpm": (DDPMScheduler, {}),
     "ddim": (DDIMScheduler, {"set_alpha_to_one": False}),
-    # Grid from t = T - 1 down: what few-step, progressively distilled students sample with.
-    "ddim_trailing": (DDIMScheduler, {"set_alpha_to_one": False, "timestep_spacing": "trailing"}),
+    # The DDIM ODE progressive distillation trains on: grid from t = T - 1 down (few steps need
+    # the start at pure noise), no x0 clipping.
+    "ddim_trailing": (DDIMScheduler, {"set_alpha_to_one": False, "timestep_spacing": "trailing", "clip_sample": False}),
     "dpmpp": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_3m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
     "unipc": (UniPCMultistepScheduler, {}),
