@@ -30,6 +30,9 @@ COLUMNS = ("label", "sampler", "steps", "cache", "nfe", "sec_per_video", "digit_
            "temporal_consistency", "direction_accuracy", "fid", "videos")  # fmt: skip
 
 
+REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
 def digit_prompts(count: int) -> list[str]:
     directions = list(DIRECTIONS)
     return [f"a handwritten {i % 10} moving {directions[(i * 3) % len(directions)]}" for i in range(count)]
@@ -81,9 +84,15 @@ def run(args: argparse.Namespace) -> None:
     fid = None
     if args.fid_steps:
         fid = frame_fid()
-        real = real_frames(args.data_root, run_cfg, args.fid_real_clips)
-        for chunk in video_frames_uint8(real, args.fid_frames).split(32):
-            fid.update(chunk, real=True)
+        cache = Path(f"{args.results}.real-{args.fid_real_clips}x{args.fid_frames}.pt")
+        if cache.exists():  # the real clips' Inception statistics, shared by invocations
+            for name, value in torch.load(cache, weights_only=True).items():
+                setattr(fid, name, value)
+        else:
+            real = real_frames(args.data_root, run_cfg, args.fid_real_clips)
+            for chunk in video_frames_uint8(real, args.fid_frames).split(32):
+                fid.update(chunk, real=True)
+            torch.save({name: getattr(fid, name) for name in REAL_STATES}, cache)
     settings = [(s, n, c) for s in args.samplers for n in args.steps for c in args.deepcache]
     settings += [("ddpm", 1000, 1)] if args.ddpm_1000 else []
     results = Path(args.results)
@@ -148,8 +157,8 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--data-root", default="data", help="root of digits/shards/val, for FID's real clips")
     parser.add_argument("--label", help="row label (default: the run id)")
-    parser.add_argument("--samplers", nargs="+", default=["ddim", "dpmpp", "dpmpp_3m", "unipc", "euler"])
-    parser.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8, 20, 50])
+    parser.add_argument("--samplers", nargs="*", default=["ddim", "dpmpp", "dpmpp_3m", "unipc", "euler"])
+    parser.add_argument("--steps", nargs="*", type=int, default=[1, 2, 4, 8, 20, 50])
     parser.add_argument("--deepcache", nargs="+", type=int, default=[1], help="DeepCache intervals (1 = off)")
     parser.add_argument("--ddpm-1000", action="store_true", help="also DDPM at 1000 steps")
     parser.add_argument("--ddpm-videos", type=int, default=10)
@@ -159,7 +168,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fid-steps", nargs="*", type=int, default=[], help="step counts that also get frame FID")
     parser.add_argument("--fid-frames", type=int, default=2, help="frames per video fed to FID")
-    parser.add_argument("--fid-real-clips", type=int, default=64)
+    parser.add_argument("--fid-real-clips", type=int, default=64, help="held-out clips for FID's real statistics")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", default="sampling_bench.jsonl")
     parser.add_argument("--table", help="print the table of a results file (no sampling)")
