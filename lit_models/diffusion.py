@@ -9,12 +9,14 @@ any of diffusers' solvers.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.training_utils import compute_snr
 from torch import Tensor, nn
 
@@ -49,7 +51,7 @@ class DiffusionModule(L.LightningModule):
         optimizer: partial taking the parameters (Hydra `_partial_: true`).
         lr_scheduler: optional partial taking the optimizer; stepped every optimizer step.
         min_snr_gamma: Min-SNR weighting; None for the plain MSE.
-        sampler, sample_steps, guidance_scale: defaults for `sample`.
+        sampler, sample_steps, guidance_scale, guidance_rescale: defaults for `sample`.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class DiffusionModule(L.LightningModule):
         sampler: str = "dpmpp",
         sample_steps: int = 20,
         guidance_scale: float = 1.0,
+        guidance_rescale: float = 0.0,
     ) -> None:
         super().__init__()
         self.net = net
@@ -72,6 +75,7 @@ class DiffusionModule(L.LightningModule):
         self.sampler = sampler
         self.sample_steps = sample_steps
         self.guidance_scale = guidance_scale
+        self.guidance_rescale = guidance_rescale
         make_sampler(sampler, noise_scheduler)  # fail at construction on a bad sampler name
 
     @property
@@ -143,12 +147,15 @@ class DiffusionModule(L.LightningModule):
         steps: int | None = None,
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
+        guidance_rescale: float | None = None,
     ) -> Tensor:
         """Draw videos of `shape` `(B, C, F, H, W)`, in the data range [-1, 1].
 
         With `unconditioning` and a guidance scale other than 1, classifier-free guidance runs
-        the conditional and unconditional passes as one batch.
+        the conditional and unconditional passes as one batch. `guidance_rescale` (Lin et al.
+        2023, sec. 3.4) pulls the guided prediction's std back towards the conditional one's.
         """
+        rescale = self.guidance_rescale if guidance_rescale is None else guidance_rescale
         scheduler = make_sampler(sampler or self.sampler, self.noise_scheduler)
         scheduler.set_timesteps(steps or self.sample_steps, device=self.device)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
@@ -157,6 +164,8 @@ class DiffusionModule(L.LightningModule):
             {k: torch.cat([unconditioning[k], conditioning[k]]) for k in conditioning} if guided else conditioning
         )
         x = torch.randn(shape, generator=generator).to(self.device) * scheduler.init_noise_sigma
+        # Stochastic samplers (DDPM, LCM) draw their step noise from the same generator.
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(x, t)
             x_in = torch.cat([x_in, x_in]) if guided else x_in
@@ -165,5 +174,7 @@ class DiffusionModule(L.LightningModule):
             if guided:
                 out_uncond, out_cond = out.chunk(2)
                 out = out_uncond + scale * (out_cond - out_uncond)
-            x = scheduler.step(out, t, x).prev_sample
+                if rescale > 0:
+                    out = rescale_noise_cfg(out, out_cond, guidance_rescale=rescale)
+            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         return x.clamp(-1, 1)

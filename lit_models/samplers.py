@@ -7,6 +7,7 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -16,10 +17,16 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "ddpm": (DDPMScheduler, {}),
     "ddim": (DDIMScheduler, {"set_alpha_to_one": False}),
+    # The DDIM ODE progressive distillation trains on: grid from t = T - 1 down (few steps need
+    # the start at pure noise), no x0 clipping.
+    "ddim_trailing": (DDIMScheduler, {"set_alpha_to_one": False, "timestep_spacing": "trailing", "clip_sample": False}),
     "dpmpp": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_3m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
     "unipc": (UniPCMultistepScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
+    # Multistep consistency sampling, for consistency-distilled students (lit_models/distillation.py);
+    # its c_skip/c_out are the ones `consistency_scalings` trains with.
+    "lcm": (LCMScheduler, {"set_alpha_to_one": False}),
 }
 
 

@@ -48,7 +48,7 @@ def test_experiment_composes_and_resolves(name):
 def test_tiny_system_builds_and_denoises(name):
     overrides = [o for o in TINY if not (name == "modelscope" and o.startswith("model."))]
     if name == "modelscope":
-        overrides.append("model.block_out_channels=[8,16,16]")
+        overrides.append("model.config.block_out_channels=[8,16,16]")
     cfg = compose_experiment(name, overrides)
     torch.manual_seed(0)
     module = instantiate(cfg.paradigm, net=instantiate(cfg.model))

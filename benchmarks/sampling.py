@@ -1,0 +1,190 @@
+"""Quality against cost of training-free and distilled sampling, on one trained digits run.
+
+    python -m benchmarks.sampling --ckpt runs/RUN_ID/checkpoints/last.ckpt --results bench.jsonl
+    python -m benchmarks.sampling --ckpt ... --samplers dpmpp --steps 20 --deepcache 2 3
+    python -m benchmarks.sampling --ckpt runs/STUDENT/checkpoints/last.ckpt --label lcm-student \\
+        --samplers lcm --steps 1 2 4 --guidance 1
+    python -m benchmarks.sampling --table bench.jsonl --plot quality_vs_nfe.png
+
+Every setting draws the same prompts (digits 0-9 x directions, cycled) from the same seed, and
+reports NFE (network calls; a guided call evaluates the conditional and unconditional halves
+as one batch), wall seconds per video, the digit metric (`lit_models.metrics`) and, where asked,
+frame FID against held-out real clips (`lit_models.fid`; needs the `metrics` extra). Rows are
+appended to a JSON-lines file so several invocations (teacher, students) make one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_models.feature_cache import deep_cache
+from lit_models.metrics import DIRECTIONS
+
+COLUMNS = ("label", "sampler", "steps", "cache", "nfe", "sec_per_video", "digit_accuracy",
+           "temporal_consistency", "direction_accuracy", "fid", "videos")  # fmt: skip
+
+
+REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+def digit_prompts(count: int) -> list[str]:
+    directions = list(DIRECTIONS)
+    return [f"a handwritten {i % 10} moving {directions[(i * 3) % len(directions)]}" for i in range(count)]
+
+
+def real_frames(data_root: str, run_cfg: Any, limit: int) -> torch.Tensor:
+    """Up to `limit` held-out clips `(N, C, F, H, W)` from the run's validation shards."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    data_cfg = OmegaConf.to_container(run_cfg.data, resolve=False)
+    cfg = OmegaConf.create({"data": data_cfg, "data_root": data_root, "seed": 0})
+    datamodule = instantiate(cfg.data, num_workers=0)
+    datamodule.setup("fit")
+    clips = []
+    for batch in datamodule.val_dataloader():
+        clips.append(batch["video"])
+        if sum(len(c) for c in clips) >= limit:
+            break
+    return torch.cat(clips)[:limit]
+
+
+def measure(model: Any, prompts: list[str], sampler: str, steps: int, guidance: float, cache: int, seed: int, batch: int) -> tuple[torch.Tensor, int, float]:
+    """Videos, network calls and wall seconds of sampling `prompts` in batches of `batch`."""
+    calls = []
+    videos = []
+    start = time.perf_counter()
+    for first in range(0, len(prompts), batch):
+        with deep_cache(model, cache):
+            handle = model.net.register_forward_hook(lambda *_: calls.append(1))
+            try:
+                videos.append(model.generate(prompts[first : first + batch], sampler=sampler, steps=steps, guidance_scale=guidance, seed=seed + first))
+            finally:
+                handle.remove()
+    seconds = time.perf_counter() - start
+    batches = -(-len(prompts) // batch)
+    return torch.cat(videos), len(calls) // batches, seconds
+
+
+def run(args: argparse.Namespace) -> None:
+    from experiments.run_dir import resolve_checkpoint
+    from experiments.sample import load_model
+    from lit_models.fid import frame_fid, video_frames_uint8
+
+    torch.set_num_threads(args.threads)
+    run_dir, ckpt = resolve_checkpoint(args.ckpt, Path(args.runs_dir))
+    model, run_cfg = load_model(ckpt, run_dir)
+    guidance = model.guidance_scale if args.guidance is None else args.guidance
+    fid = None
+    if args.fid_steps:
+        fid = frame_fid()
+        cache = Path(f"{args.results}.real-{args.fid_real_clips}x{args.fid_frames}.pt")
+        if cache.exists():  # the real clips' Inception statistics, shared by invocations
+            for name, value in torch.load(cache, weights_only=True).items():
+                setattr(fid, name, value)
+        else:
+            real = real_frames(args.data_root, run_cfg, args.fid_real_clips)
+            for chunk in video_frames_uint8(real, args.fid_frames).split(32):
+                fid.update(chunk, real=True)
+            torch.save({name: getattr(fid, name) for name in REAL_STATES}, cache)
+    settings = [(s, n, c) for s in args.samplers for n in args.steps for c in args.deepcache]
+    settings += [("ddpm", 1000, 1)] if args.ddpm_1000 else []
+    results = Path(args.results)
+    with torch.inference_mode():  # warm-up: first-call allocations stay out of the timings
+        model.generate(digit_prompts(args.batch), sampler="ddim", steps=1)
+    for sampler, steps, cache in settings:
+        count = args.ddpm_videos if steps == 1000 else args.videos
+        prompts = digit_prompts(count)
+        with torch.inference_mode():
+            videos, nfe, seconds = measure(model, prompts, sampler, steps, guidance, cache, args.seed, args.batch)
+        row = {"label": args.label or run_dir.name, "sampler": sampler, "steps": steps, "cache": cache, "nfe": nfe,
+               "sec_per_video": seconds / count, "videos": count, "guidance": guidance, **model.score(prompts, videos)}  # fmt: skip
+        if fid is not None and (steps in args.fid_steps or steps == 1000):
+            fid.reset()
+            fid.update(video_frames_uint8(videos, args.fid_frames), real=False)
+            row["fid"] = float(fid.compute())
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(format_row(row), flush=True)
+
+
+def format_row(row: dict[str, Any]) -> str:
+    cells = []
+    for key in COLUMNS:
+        value = row.get(key)
+        cells.append(f"{value:.3f}" if isinstance(value, float) else "-" if value is None else str(value))
+    return " | ".join(cells)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [" | ".join(COLUMNS), " | ".join("---" for _ in COLUMNS)]
+    return "\n".join([*lines, *(format_row(r) for r in rows)])
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        name = f"{r['label']}:{r['sampler']}" + (f" deepcache {r['cache']}" if r["cache"] > 1 else "")
+        series.setdefault(name, []).append((r["nfe"], r["digit_accuracy"]))
+    for name, points in sorted(series.items()):
+        points.sort()
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel("frame digit accuracy")
+    ax.set_title("moving digits: quality vs sampling cost")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", help="checkpoint path, run id or 'latest'")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--data-root", default="data", help="root of digits/shards/val, for FID's real clips")
+    parser.add_argument("--label", help="row label (default: the run id)")
+    parser.add_argument("--samplers", nargs="*", default=["ddim", "dpmpp", "dpmpp_3m", "unipc", "euler"])
+    parser.add_argument("--steps", nargs="*", type=int, default=[1, 2, 4, 8, 20, 50])
+    parser.add_argument("--deepcache", nargs="+", type=int, default=[1], help="DeepCache intervals (1 = off)")
+    parser.add_argument("--ddpm-1000", action="store_true", help="also DDPM at 1000 steps")
+    parser.add_argument("--ddpm-videos", type=int, default=10)
+    parser.add_argument("--videos", type=int, default=20, help="videos per setting")
+    parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--guidance", type=float, help="default: the run's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fid-steps", nargs="*", type=int, default=[], help="step counts that also get frame FID")
+    parser.add_argument("--fid-frames", type=int, default=2, help="frames per video fed to FID")
+    parser.add_argument("--fid-real-clips", type=int, default=64, help="held-out clips for FID's real statistics")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", default="sampling_bench.jsonl")
+    parser.add_argument("--table", help="print the table of a results file (no sampling)")
+    parser.add_argument("--plot", help="write the quality-vs-NFE PNG of --table's rows here")
+    args = parser.parse_args()
+    if args.table:
+        rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
+        print(table(rows))
+        if args.plot:
+            plot(rows, Path(args.plot))
+            print(f"plot: {args.plot}")
+        return
+    if not args.ckpt:
+        parser.error("--ckpt is required unless --table is given")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

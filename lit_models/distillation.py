@@ -1,0 +1,246 @@
+"""Step distillation of a trained text-to-video teacher into a few-step student.
+
+- `ProgressiveDistillation` (Salimans & Ho 2022, as Imagen Video uses it): the student learns
+  to take in one DDIM step what the teacher takes in two; after each round the student becomes
+  the teacher and the step count halves. v-prediction, as in the paper.
+- `ConsistencyDistillation` (LCM, Luo et al. 2023 / AnimateLCM): the student, read through
+  the consistency parameterization `c_skip(t) x_t + c_out(t) x0(x_t, t)`, maps a point on the
+  teacher's probability-flow ODE to the same clean video as an EMA copy of itself does one
+  teacher DDIM step further down; sampled with diffusers' `LCMScheduler` in 1-4 steps.
+
+Both start the student (and the frozen text tower) from a run checkpoint and distil the
+teacher's classifier-free guidance into it, so students sample with guidance 1.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from torch import Tensor, nn
+
+from lit_models.diffusion import Conditioning
+from lit_models.text_to_video import TextToVideo
+
+
+def _expand(values: Tensor, like: Tensor) -> Tensor:
+    return values.view(-1, *([1] * (like.ndim - 1))).to(like)
+
+
+def split_prediction(output: Tensor, x_t: Tensor, alpha_bar: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """(x0, eps) from a network output at noise level `alpha_bar` `(B,)`."""
+    alpha, sigma = _expand(alpha_bar.sqrt(), x_t), _expand((1 - alpha_bar).sqrt(), x_t)
+    if prediction_type == "v_prediction":
+        return alpha * x_t - sigma * output, sigma * x_t + alpha * output
+    if prediction_type == "epsilon":
+        return (x_t - sigma * output) / alpha, output
+    if prediction_type == "sample":
+        return output, (x_t - alpha * output) / sigma
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def ddim_step(x0: Tensor, eps: Tensor, alpha_bar_prev: Tensor) -> Tensor:
+    """Deterministic DDIM update to noise level `alpha_bar_prev` `(B,)`."""
+    return _expand(alpha_bar_prev.sqrt(), x0) * x0 + _expand((1 - alpha_bar_prev).sqrt(), x0) * eps
+
+
+def consistency_scalings(timesteps: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+    """LCM's boundary-condition scalings `(c_skip, c_out)`, as diffusers' `LCMScheduler` applies
+    them at sampling: c_skip(0) = 1 and c_out(0) = 0, so the consistency function is the identity
+    at t = 0."""
+    scaled = timesteps.float() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
+    return c_skip, c_out
+
+
+def load_teacher_weights(module: nn.Module, checkpoint: str | Path) -> None:
+    """Load a text-to-video run checkpoint's `net.*` and `text_encoder.*` weights (the EMA ones)."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher_checkpoint {path} does not exist (point it at runs/RUN_ID/checkpoints/last.ckpt)")
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    state = {k: v for k, v in state.items() if k.startswith(("net.", "text_encoder."))}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k.startswith(("net.", "text_encoder."))]
+    if missing or unexpected:
+        raise ValueError(
+            f"teacher_checkpoint {path} does not match the configured model (model=/paradigm.text_encoder "
+            f"must be the teacher run's): missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+class _Distillation(TextToVideo):
+    """A student `net` initialised from the teacher checkpoint; teacher and text tower frozen.
+
+    Args:
+        teacher_checkpoint: the teacher run's `last.ckpt`; None keeps the given weights (tests).
+        teacher_guidance: classifier-free guidance scale of the teacher's predictions.
+        **text_to_video: `TextToVideo` arguments (the teacher run's model and text encoder).
+    """
+
+    def __init__(self, teacher_checkpoint: str | None = None, teacher_guidance: float = 5.0, **text_to_video: Any) -> None:
+        super().__init__(**text_to_video)
+        if teacher_checkpoint is not None:
+            load_teacher_weights(self, teacher_checkpoint)
+        self.text_encoder.trainable = False
+        self.text_encoder.requires_grad_(False).eval()
+        self.teacher = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.teacher_guidance = teacher_guidance
+
+    def train(self, mode: bool = True) -> _Distillation:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def alpha_bar(self, timesteps: Tensor) -> Tensor:
+        """Cumulative alpha at integer timesteps `(B,)`; t < 0 is the end of sampling
+        (alphas_cumprod[0], as DDIM with `set_alpha_to_one=False`)."""
+        alphas = self.noise_scheduler.alphas_cumprod.to(timesteps.device)
+        return alphas[timesteps.clamp(min=0)]
+
+    @torch.no_grad()
+    def teacher_x0_eps(self, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning, unconditioning: Conditioning) -> tuple[Tensor, Tensor]:
+        """The guided teacher's (x0, eps) at `x_t`, conditional and unconditional in one batch."""
+        both = {k: torch.cat([unconditioning[k], conditioning[k]]) for k in conditioning}
+        out_uncond, out_cond = self.teacher(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), **both).chunk(2)
+        out = out_uncond + self.teacher_guidance * (out_cond - out_uncond)
+        return split_prediction(out.float(), x_t, self.alpha_bar(timesteps), self.prediction_type)
+
+    def noised(self, x0: Tensor, timesteps: Tensor) -> Tensor:
+        return self.noise_scheduler.add_noise(x0, torch.randn_like(x0), timesteps)
+
+    def captions_conditioning(self, batch: dict[str, Any]) -> tuple[Conditioning, Conditioning]:
+        captions = list(batch["caption"])
+        return self.encode_captions(captions), self.encode_captions([""] * len(captions))
+
+
+class ProgressiveDistillation(_Distillation):
+    """Progressive distillation: round r trains a `teacher_steps / 2^(r+1)`-step DDIM student.
+
+    Args:
+        teacher_steps: DDIM steps of the teacher in round 0 (e.g. 8 -> students of 4, 2, 1).
+        steps_per_round: optimizer steps per round; then the student becomes the teacher.
+        timestep_spacing: diffusers spacing of the DDIM grids ("trailing" starts at t = T - 1,
+            which few-step sampling needs); sample the student with the matching sampler.
+        **distillation: `_Distillation` arguments.
+    """
+
+    def __init__(self, teacher_steps: int = 16, steps_per_round: int = 500, timestep_spacing: str = "trailing", **distillation: Any) -> None:
+        super().__init__(**distillation)
+        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        if teacher_steps < 2 or teacher_steps % 2 or num_train_timesteps % teacher_steps:
+            # DDIM steps from t to t - T // steps; two teacher strides must be one student stride.
+            raise ValueError(
+                f"ProgressiveDistillation: teacher_steps must be even and divide num_train_timesteps="
+                f"{num_train_timesteps}, got {teacher_steps}"
+            )
+        self.teacher_steps = teacher_steps
+        self.steps_per_round = steps_per_round
+        self.timestep_spacing = timestep_spacing
+        self.register_buffer("round", torch.zeros((), dtype=torch.long))
+        self.sample_steps = self.student_steps
+
+    @property
+    def student_steps(self) -> int:
+        return max(1, self.teacher_steps // 2 ** (int(self.round) + 1))
+
+    def grid(self, steps: int) -> Tensor:
+        """DDIM timesteps of a `steps`-step sampler, descending."""
+        ddim = DDIMScheduler.from_config(self.noise_scheduler.config, timestep_spacing=self.timestep_spacing)
+        ddim.set_timesteps(steps)
+        return ddim.timesteps.to(self.device)
+
+    def student_target(self, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning, unconditioning: Conditioning) -> Tensor:
+        """The student's prediction target at `(x_t, t)`: the output whose single DDIM step to
+        t'' lands where two teacher DDIM steps t -> t' -> t'' do."""
+        teacher_stride = self.noise_scheduler.config.num_train_timesteps // (2 * self.student_steps)
+        t_mid, t_end = timesteps - teacher_stride, timesteps - 2 * teacher_stride
+        x0, eps = self.teacher_x0_eps(x_t, timesteps, conditioning, unconditioning)
+        x_mid = ddim_step(x0, eps, self.alpha_bar(t_mid))
+        x0, eps = self.teacher_x0_eps(x_mid, t_mid.clamp(min=0), conditioning, unconditioning)
+        x_end = ddim_step(x0, eps, self.alpha_bar(t_end))
+        # Solve x_end = a'' x0~ + s'' (x_t - a x0~) / s for the x0~ of one student DDIM step.
+        alpha_bar, alpha_bar_end = self.alpha_bar(timesteps), self.alpha_bar(t_end)
+        a, s = _expand(alpha_bar.sqrt(), x_t), _expand((1 - alpha_bar).sqrt(), x_t)
+        a_end, s_end = _expand(alpha_bar_end.sqrt(), x_t), _expand((1 - alpha_bar_end).sqrt(), x_t)
+        x0_student = (x_end - s_end / s * x_t) / (a_end - s_end / s * a)
+        eps_student = (x_t - a * x0_student) / s
+        if self.prediction_type == "v_prediction":
+            return a * eps_student - s * x0_student
+        if self.prediction_type == "epsilon":
+            return eps_student
+        return x0_student
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        target_round = self.global_step // self.steps_per_round
+        if target_round > int(self.round) and self.student_steps % 2 == 0 and self.student_steps > 1:
+            self.teacher.load_state_dict(self.net.state_dict())
+            self.round.fill_(target_round)
+            self.sample_steps = self.student_steps
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        x0 = batch["video"]  # (B, C, F, H, W)
+        conditioning, unconditioning = self.captions_conditioning(batch)
+        grid = self.grid(self.student_steps)
+        timesteps = grid[torch.randint(0, len(grid), (x0.shape[0],), device=grid.device)]
+        x_t = self.noised(x0, timesteps)
+        target = self.student_target(x_t, timesteps, conditioning, unconditioning)
+        loss = F.mse_loss(self.net(x_t, timesteps, **conditioning).float(), target)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        self.log("train/student_steps", float(self.student_steps), batch_size=x0.shape[0])
+        return loss
+
+
+class ConsistencyDistillation(_Distillation):
+    """Latent-consistency-style distillation with a DDIM teacher solver and an EMA target.
+
+    Args:
+        num_ddim_timesteps: the teacher solver's grid (LCM's `original_inference_steps`); one
+            solver step spans `num_train_timesteps / num_ddim_timesteps` timesteps.
+        target_ema: decay of the target network towards the student after every step.
+        huber_c: pseudo-Huber constant of the loss (LCM); None for MSE.
+        **distillation: `_Distillation` arguments.
+    """
+
+    def __init__(self, num_ddim_timesteps: int = 50, target_ema: float = 0.95, huber_c: float | None = 0.001, **distillation: Any) -> None:
+        super().__init__(**distillation)
+        self.num_ddim_timesteps = num_ddim_timesteps
+        self.target_ema = target_ema
+        self.huber_c = huber_c
+        self.target_net = copy.deepcopy(self.net).requires_grad_(False)
+
+    def consistency_function(self, net: nn.Module, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
+        """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t)."""
+        x0, _ = split_prediction(net(x_t, timesteps, **conditioning).float(), x_t, self.alpha_bar(timesteps), self.prediction_type)
+        c_skip, c_out = consistency_scalings(timesteps)
+        return _expand(c_skip, x_t) * x_t + _expand(c_out, x_t) * x0
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        x0 = batch["video"]  # (B, C, F, H, W)
+        conditioning, unconditioning = self.captions_conditioning(batch)
+        stride = self.noise_scheduler.config.num_train_timesteps // self.num_ddim_timesteps
+        index = torch.randint(1, self.num_ddim_timesteps + 1, (x0.shape[0],), device=x0.device)
+        timesteps = index * stride - 1  # LCM's grid: stride - 1, 2 stride - 1, ..., T - 1
+        previous = (timesteps - stride).clamp(min=0)
+        x_t = self.noised(x0, timesteps)
+        prediction = self.consistency_function(self.net, x_t, timesteps, conditioning)
+        with torch.no_grad():
+            teacher_x0, teacher_eps = self.teacher_x0_eps(x_t, timesteps, conditioning, unconditioning)
+            x_previous = ddim_step(teacher_x0, teacher_eps, self.alpha_bar(previous))
+            target = self.consistency_function(self.target_net, x_previous, previous, conditioning)
+        if self.huber_c is None:
+            loss = F.mse_loss(prediction, target)
+        else:
+            loss = (((prediction - target) ** 2).flatten(1).mean(1) + self.huber_c**2).sqrt().mean() - self.huber_c
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():
+            for target, student in zip(self.target_net.parameters(), self.net.parameters()):
+                target.lerp_(student, 1 - self.target_ema)

@@ -1,0 +1,123 @@
+"""Step distillation: the progressive target is two teacher DDIM steps, the consistency
+function is the identity at t = 0, and both paradigms train from a teacher checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, LCMScheduler
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+
+from lit_models.samplers import make_sampler
+from lit_models.distillation import ConsistencyDistillation, ProgressiveDistillation, consistency_scalings
+from tests.conftest import tiny_overrides
+
+
+def tiny_student(data_root: Path, tmp_path: Path, paradigm: str, teacher_checkpoint: Path | None = None):
+    overrides = [*tiny_overrides(data_root, tmp_path), "run_id=t", f"paradigm={paradigm}"]
+    if teacher_checkpoint is not None:
+        overrides.append(f"paradigm.teacher_checkpoint={teacher_checkpoint}")
+    with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
+        cfg = compose("train", overrides=overrides)
+    torch.manual_seed(0)
+    return instantiate(cfg.paradigm, net=instantiate(cfg.model)), cfg
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(digits_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 'trained' teacher: the tiny text-to-video model with perturbed weights, saved like a run."""
+    from tests.test_diffusion import tiny_model
+
+    tmp = tmp_path_factory.mktemp("teacher")
+    model, _ = tiny_model(digits_data_root, tmp)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp / "last.ckpt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("start", [999, 249])  # the first and the last student step of 4
+@torch.no_grad()
+def test_progressive_target_is_two_teacher_ddim_steps(digits_data_root: Path, tmp_path: Path, teacher_checkpoint: Path, start: int) -> None:
+    student, _ = tiny_student(digits_data_root, tmp_path, "progressive_distillation", teacher_checkpoint)
+    assert isinstance(student, ProgressiveDistillation) and student.student_steps == 4
+    teacher_state = torch.load(teacher_checkpoint, weights_only=True)["state_dict"]
+    assert torch.equal(student.teacher.conv_out.weight, teacher_state["net.conv_out.weight"])
+    prompts = ["a handwritten 5 moving up", "a handwritten 0 moving left"]
+    cond, uncond = student.encode_captions(prompts), student.encode_captions([""] * 2)
+    x_t = torch.randn(2, 1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), start)
+
+    target = student.student_target(x_t, t, cond, uncond)
+
+    # Independently, with diffusers: one 4-step DDIM step on the target vs two 8-step teacher
+    # steps; the `ddim_trailing` sampler, which the students sample with.
+    def ddim(steps: int) -> DDIMScheduler:
+        scheduler = make_sampler("ddim_trailing", student.noise_scheduler)
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    def teacher(x: torch.Tensor, step: int) -> torch.Tensor:
+        both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+        out_uncond, out_cond = student.teacher(torch.cat([x, x]), torch.full((4,), step), **both).chunk(2)
+        return out_uncond + student.teacher_guidance * (out_cond - out_uncond)
+
+    one_student_step = ddim(4).step(target, start, x_t).prev_sample
+    teacher_ddim = ddim(8)
+    middle = start - 125
+    x_mid = teacher_ddim.step(teacher(x_t, start), start, x_t).prev_sample
+    two_teacher_steps = teacher_ddim.step(teacher(x_mid, middle), middle, x_mid).prev_sample
+    assert torch.allclose(one_student_step, two_teacher_steps, atol=1e-4), (one_student_step - two_teacher_steps).abs().max()
+
+
+def test_consistency_function_is_the_identity_at_the_smallest_t(digits_data_root: Path, tmp_path: Path) -> None:
+    student, _ = tiny_student(digits_data_root, tmp_path, "consistency_distillation")
+    assert isinstance(student, ConsistencyDistillation)
+    with torch.no_grad():
+        for p in student.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 1, 4, 16, 16)
+    cond = student.encode_captions(["a handwritten 1 moving down"] * 2)
+    at_zero = student.consistency_function(student.net, x, torch.zeros(2, dtype=torch.long), cond)
+    assert torch.allclose(at_zero, x, atol=1e-6)
+    assert not torch.allclose(student.consistency_function(student.net, x, torch.full((2,), 499), cond), x, atol=1e-2)
+    # The scalings are the ones diffusers' LCMScheduler samples with.
+    lcm = LCMScheduler.from_config(student.noise_scheduler.config)
+    for t in (0, 19, 499, 999):
+        c_skip, c_out = consistency_scalings(torch.tensor([t]))
+        assert torch.allclose(torch.stack([c_skip[0], c_out[0]]), torch.tensor(lcm.get_scalings_for_boundary_condition_discrete(t)).float())
+
+
+@pytest.mark.parametrize("paradigm", ["progressive_distillation", "consistency_distillation"])
+def test_distillation_trains_only_the_student(digits_data_root: Path, tmp_path: Path, teacher_checkpoint: Path, paradigm: str) -> None:
+    student, cfg = tiny_student(digits_data_root, tmp_path, paradigm, teacher_checkpoint)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.val_dataloader()))
+    teacher_before = [p.clone() for p in student.teacher.parameters()]
+    optimizer = student.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for p in student.net.parameters()}
+    student.log = lambda *args, **kwargs: None  # no trainer attached
+    loss = student.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in student.net.parameters() if p.requires_grad)
+    with torch.no_grad():  # stands in for an optimizer step (the warm-up LR is 0 at step 0)
+        for p in student.net.parameters():
+            p.add_(p.grad.sign() * 1e-3 if p.grad is not None else 0)
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, student.teacher.parameters()))
+    if isinstance(student, ConsistencyDistillation):  # the EMA target moves towards the student
+        before = [p.clone() for p in student.target_net.parameters()]
+        student.on_train_batch_end(None, batch, 0)
+        assert any(not torch.equal(a, b) for a, b in zip(before, student.target_net.parameters()))
+
+
+def test_a_wrong_teacher_checkpoint_names_the_problem(digits_data_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="teacher_checkpoint"):
+        tiny_student(digits_data_root, tmp_path, "progressive_distillation", tmp_path / "missing.ckpt")
