@@ -150,6 +150,23 @@ def import_lora(net: nn.Module, path: str | Path, adapter_name: str = "default")
         raise ValueError(f"import_lora: {path} has keys the net's LoRA layers lack, e.g. {unexpected[:3]}")
 
 
+class TrainOnly:
+    """Unfreeze the base's own parameters whose names match a regex: AnimateDiff's
+    name-matched trainable modules. On a factorized net, `r"\\.temporal\\."` trains the
+    temporal layers (its motion module) on top of the frozen spatial (image) layers."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = re.compile(pattern)
+
+    def __call__(self, net: nn.Module) -> nn.Module:
+        matched = [p for n, p in net.named_parameters() if self.pattern.search(n)]
+        if not matched:
+            raise ValueError(f"TrainOnly: pattern {self.pattern.pattern!r} matches no parameter of the net")
+        for parameter in matched:
+            parameter.requires_grad_(True)
+        return net
+
+
 class SimDAAdapters:
     """SimDA's adapters on a `FactorizedUNet`: spatial ones in the spatial transformers (after
     self-attention, beside the feed-forward) and a temporal one after every ResBlock.
