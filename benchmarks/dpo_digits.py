@@ -11,7 +11,7 @@ One script, one table: base vs SFT-on-winners vs DPO at equal steps, on the embe
 4. Sample every model on the held-out prompts with the same seeds and sampler; report the
    mean digit reward (and its standard error) and the digit metric.
 
-    PYTHONPATH=. python benchmarks/dpo_digits.py --base runs/base-digits/checkpoints/last.ckpt \
+    python -m benchmarks.dpo_digits --base runs/base-digits/checkpoints/last.ckpt \
         --work /tmp/dpo-digits --steps 150
 """
 

@@ -14,7 +14,10 @@ just before the first step (model, text tower and libraries already loaded). It 
 activations kept for backward, gradients and optimizer state, as allocated by the CPU
 allocator; on a GPU the script reports `torch.cuda.max_memory_allocated` instead.
 
-    PYTHONPATH=. python benchmarks/peft.py [--steps 6] [--threads 2]
+    python -m benchmarks.peft [--steps 6] [--threads 2]
+
+(As a module: run as a file, this script's folder would come first on sys.path and its name
+would shadow the `peft` package.)
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def current_rss_mb() -> float:
         return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(method: str, steps: int, threads: int, batch_size: int) -> dict:
+def measure(method: str, steps: int, threads: int, batch_size: int, channels: tuple[int, ...]) -> dict:
     import torch
     from diffusers import DDPMScheduler
 
@@ -48,7 +51,7 @@ def measure(method: str, steps: int, threads: int, batch_size: int) -> dict:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = FactorizedUNet(in_channels=1, channels=(24, 48, 64), temporal=partial(TemporalAttention, heads=4))
+    net = FactorizedUNet(in_channels=1, channels=channels, temporal=partial(TemporalAttention, heads=4))
     trainable = {
         "full": [],
         "lora": [LoRA(target_modules=r".*(self_attention|cross_attention|temporal)\.(to_q|to_kv|to_qkv|to_out)$", rank=4, alpha=4)],
@@ -91,25 +94,32 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # one method, in a child process
+    parser.add_argument("--channels", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
-        print(json.dumps(measure(args.method, args.steps, args.threads, args.batch_size)))
+        channels = tuple(int(c) for c in args.channels.split(","))
+        print(json.dumps(measure(args.method, args.steps, args.threads, args.batch_size, channels)))
         return
-    rows = []
-    for method in METHODS:
-        out = subprocess.run(
-            [sys.executable, __file__, "--method", method, "--steps", str(args.steps), "--threads", str(args.threads),
-             "--batch-size", str(args.batch_size)],
-            cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    full = rows[0]
-    print(f"batch {args.batch_size} x 8 frames x 16x16, {args.steps} steps, {args.threads} threads; memory: {full['memory']}")
-    print("| method | trainable / total | trainable % | peak MB | x full | s/step (median) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['trainable']:,} / {r['total']:,} | {100 * r['trainable'] / r['total']:.2f} | "
-              f"{r['peak_mb']:.0f} | {r['peak_mb'] / full['peak_mb']:.2f} | {r['step_s']:.3f} |")
+    # Two regimes: the quickstart backbone at its batch (activations dominate memory), and a
+    # wider backbone at a small batch (weights, gradients and AdamW state dominate, as when
+    # fine-tuning a large pretrained model).
+    for channels, batch_size in (((24, 48, 64), args.batch_size), ((128, 256, 384), 2)):
+        rows = []
+        for method in METHODS:
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.peft", "--method", method, "--steps", str(args.steps),
+                 "--threads", str(args.threads), "--batch-size", str(batch_size), "--channels", ",".join(map(str, channels))],
+                cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        full = rows[0]
+        print(f"\nchannels {channels}, batch {batch_size} x 8 frames x 16x16, {args.steps} steps, {args.threads} threads; "
+              f"memory: {full['memory']}")
+        print("| method | trainable / total | trainable % | peak MB | x full | s/step (median) |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['method']} | {r['trainable']:,} / {r['total']:,} | {100 * r['trainable'] / r['total']:.2f} | "
+                  f"{r['peak_mb']:.0f} | {r['peak_mb'] / full['peak_mb']:.2f} | {r['step_s']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

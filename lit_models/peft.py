@@ -18,7 +18,6 @@ Checkpoints hold only the trained weights (`state_dict` is filtered) plus the ba
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -373,13 +372,3 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def describe_trainable(module: nn.Module) -> str:
-    """One line per trained top-level group, for logs and the benchmark."""
-    groups: dict[str, int] = {}
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            key = re.sub(r"\.\d+\.", ".N.", name).rsplit(".", 1)[0]
-            groups[key] = groups.get(key, 0) + p.numel()
-    return json.dumps(groups, indent=1)

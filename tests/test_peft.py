@@ -18,6 +18,7 @@ from lit_models.peft import (
     MotionModule,
     ParameterEfficientFineTuning,
     SimDAAdapters,
+    TrainOnly,
     adapters_disabled,
     export_lora,
     import_lora,
@@ -68,6 +69,7 @@ INJECTORS = {
     "lora": lambda: [LoRA(rank=2, alpha=2)],
     "adapters": lambda: [SimDAAdapters()],
     "control": lambda: [ControlBranch()],
+    "temporal_only": lambda: [TrainOnly(r"\.temporal\.")],
 }
 
 
@@ -89,7 +91,7 @@ def test_a_step_changes_only_the_named_parameters_and_the_start_is_the_base(meth
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "nothing trained"
     assert changed <= module.trainable_names
-    marker = {"lora": "lora_", "adapters": "adapter", "control": "net.encoder."}[method]
+    marker = {"lora": "lora_", "adapters": "adapter", "control": "net.encoder.", "temporal_only": ".temporal."}[method]
     extra = {"control": ("net.hint.", "net.zero_convs.", "net.mid_zero_conv.")}.get(method, ())
     assert all(marker in k or k.startswith(extra) for k in changed), sorted(changed)[:5]
     # The checkpoint view holds exactly the trained weights.

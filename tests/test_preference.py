@@ -8,14 +8,13 @@ import math
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
 from data_tools import cli
 from data_tools.digits import make_digit_clip
-from data_tools.pairs import PreferencePair, pairs_from_table, write_pair_shards
+from data_tools.pairs import PreferencePair, write_pair_shards
 from data_tools.video_io import encode_mp4
 from datamodules.preference_pairs import PreferencePairDataModule
 from lit_models.conditioning import OpenClipTextEncoder
@@ -192,3 +191,38 @@ def test_pairs_cli_samples_ranks_and_writes_shards_dpo_trains_on(tiny_base_ckpt:
         assert meta["win_score"] == max(meta["scores"]) > meta["lose_score"] == min(meta["scores"])
         assert win.mean() > lose.mean()  # the brighter one won (up to mp4 rounding)
     assert cli.main([*args[:2], str(tmp_path / "missing.ckpt"), *args[3:]]) == 2
+
+
+@pytest.mark.parametrize(
+    "experiment, paradigm, trained",
+    [
+        ("dpo_digits", "DiffusionDPO", "lora_"),
+        ("lora_t2v", "ParameterEfficientFineTuning", "lora_"),
+        ("simda", "ParameterEfficientFineTuning", "adapter"),
+        ("control_a_video", "ParameterEfficientFineTuning", ("net.encoder.", "net.hint.", "zero_conv")),
+    ],
+)
+def test_experiment_configs_build_their_paradigm_on_a_base_checkpoint(
+    experiment: str, paradigm: str, trained: str | tuple[str, ...], tiny_base_ckpt: Path, tmp_path: Path
+) -> None:
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    with initialize_config_module("experiments.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", f"base_ckpt={tiny_base_ckpt}", "run_id=x",
+                                          f"runs_dir={tmp_path}", f"data_root={tmp_path}"])
+    module = instantiate(cfg.paradigm, net=instantiate(cfg.model))
+    assert type(module).__name__ == paradigm and cfg.callbacks.ema is None
+    markers = (trained,) if isinstance(trained, str) else trained
+    assert module.trainable_names and all(any(m in k for m in markers) for k in module.trainable_names)
+    assert not any(k.startswith("text_encoder.") for k in module.trainable_names)
+
+
+def test_animatediff_configs_compose() -> None:
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("experiments.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=animatediff_motionlora", "base_path=/sd", "motion_adapter=/ma", "run_id=x"])
+    targets = [t["_target_"] for t in cfg.paradigm.trainable]
+    assert targets == ["lit_models.peft.MotionModule", "lit_models.peft.LoRA"] and cfg.model.path == "/sd"
+    assert cfg.paradigm.text_encoder.model_name == "ViT-L-14" and cfg.paradigm.text_encoder.ckpt is None
