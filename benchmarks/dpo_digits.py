@@ -90,8 +90,17 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps, pairs and evaluation")
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale, pairs and evaluation")
     parser.add_argument("--error-space", default="epsilon", choices=("epsilon", "prediction"))
+    parser.add_argument("--eval-only", type=Path, help="only evaluate this checkpoint on the held-out prompts "
+                        "(to score several models in parallel processes); writes WORK/eval-NAME.json")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.eval_only:
+        name = args.eval_only.parent.parent.name
+        result = evaluate(args.eval_only, split_prompts()[1], samples_per_prompt=args.eval_samples, seed=args.seed,
+                          steps=args.sample_steps, guidance=args.guidance)
+        (args.work / f"eval-{name}.json").write_text(json.dumps({"ckpt": str(args.eval_only), **result}, indent=1))
+        print(json.dumps(result))
+        return
     log = args.work / "commands.log"
     started = time.time()
     stamp = time.strftime("%H%M%S")
