@@ -172,7 +172,7 @@ def tiny_base_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_pairs_cli_samples_ranks_and_writes_shards_dpo_trains_on(tiny_base_ckpt: Path, tmp_path: Path,
+def test_pairs_cli_samples_ranks_and_writes_shards_the_datamodule_reads(tiny_base_ckpt: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from lit_models import rewards
 
