@@ -10,6 +10,7 @@ from pathlib import Path
 
 from data_tools.curation_cli import add_curation_commands, run_curate, run_inspect
 from data_tools.curation_config import CurationConfigError
+from data_tools.pairs import PairInputError
 from data_tools.probe import ProbeError
 from data_tools.shards import ShardInputError
 from data_tools.stages import default_workers
@@ -110,7 +111,64 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-format", choices=("keep", "jpg"), default="keep",
         help="keep: store each file's bytes (PNG stays .png); jpg: re-encode to JPEG like img2dataset (default keep)")
     add_curation_commands(commands, _positive_int)
+    _add_pairs_parser(commands)
     return parser
+
+
+# --- pairs: preference shards (lit_models/preference.py trains on them) -------------------
+
+_PAIRS_HELP = """\
+Write preference-pair shards (KEY.prompt.txt, KEY.win.mp4, KEY.lose.mp4, KEY.json with both
+scores) for Diffusion-DPO. Either sample --per-prompt K videos per line of --prompts from an
+effvid checkpoint, score them with --reward (digits: digit-classifier agreement with the
+prompted digit x motion-direction correctness) and pair the best with the worst (ties are
+skipped); or read human judgements from --table, a CSV with columns prompt,win,lose (video
+paths relative to the CSV) and optional win_score,lose_score,labeler.
+
+examples:
+  effvid-data pairs --ckpt runs/base/checkpoints/last.ckpt --prompts prompts.txt --out data/pairs --per-prompt 4 --reward digits
+  effvid-data pairs --table judgements.csv --out data/pairs_human
+"""
+
+
+def _add_pairs_parser(commands: argparse._SubParsersAction) -> None:
+    pairs = commands.add_parser("pairs", help="write preference-pair shards (sampled + reward, or a CSV)",
+                                description=_PAIRS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = pairs.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", type=Path, help="effvid checkpoint to sample from (with --prompts)")
+    source.add_argument("--table", type=Path, help="CSV of human-labelled pairs: prompt,win,lose")
+    pairs.add_argument("--prompts", type=Path, help="text file, one prompt per line (repeats give more pairs)")
+    pairs.add_argument("--out", required=True, type=Path, help="folder for shard-NNNNNN.tar and _stats.json")
+    pairs.add_argument("--per-prompt", type=_positive_int, default=4, help="samples per prompt (default 4)")
+    pairs.add_argument("--reward", default="digits", help="reward ranking the samples (default digits)")
+    pairs.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    pairs.add_argument("--batch-size", type=_positive_int, default=64, help="videos per sampling batch (default 64)")
+    pairs.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the run's)")
+    pairs.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the run's)")
+    pairs.add_argument("--shard-size", type=_positive_int, default=256, help="pairs per shard (default 256)")
+
+
+def _run_pairs(args: argparse.Namespace) -> None:
+    from data_tools.pairs import generate_pairs, pairs_from_table, read_prompts, write_pair_shards
+
+    if args.table is not None:
+        pairs = pairs_from_table(args.table)
+    else:
+        from lit_models.rewards import REWARDS
+
+        if args.prompts is None:
+            raise UsageError("--ckpt needs --prompts")
+        if args.reward not in REWARDS:
+            raise UsageError(f"unknown --reward {args.reward!r}; choose one of {sorted(REWARDS)}")
+        pairs = generate_pairs(args.ckpt, read_prompts(args.prompts), args.per_prompt, REWARDS[args.reward],
+                               seed=args.seed, batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance)
+    from lit_models.base_models import BaseCheckpointError
+
+    try:
+        stats = write_pair_shards(pairs, args.out, shard_size=args.shard_size)
+    except BaseCheckpointError as error:  # a bad --ckpt surfaces when the first pair is drawn
+        raise PairInputError(str(error)) from None
+    print(f"wrote {stats['pairs']} pairs to {stats['shards']} shards in {args.out}")
 
 
 def _run_digits(args: argparse.Namespace) -> None:
@@ -157,10 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_curate(args)
         elif args.command == "inspect":
             run_inspect(args)
+        elif args.command == "pairs":
+            _run_pairs(args)
         else:
             _run_shards(args)
-    except (UsageError, ShardInputError, ProbeError, CurationConfigError, FileNotFoundError, NotADirectoryError,
-            PermissionError) as error:
+    except (UsageError, ShardInputError, PairInputError, ProbeError, CurationConfigError, FileNotFoundError,
+            NotADirectoryError, PermissionError) as error:
         print(f"effvid-data {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

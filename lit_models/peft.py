@@ -1,0 +1,374 @@
+"""Parameter-efficient fine-tuning: a frozen pretrained base plus only what the config names.
+
+The paradigm takes the base network (see `base_models.py` for loading an effvid run or a
+diffusers model), freezes it and the text encoder, and applies `trainable`: a list of
+injectors, each adding the modules it trains:
+
+- `LoRA`: low-rank adapters through `peft` on modules matched by name (spatial and/or
+  temporal attention, convs), with merge/unmerge and safetensors export/import;
+- `SimDAAdapters`: SimDA's spatial and temporal adapters (`nets/adapters.py`);
+- `MotionModule`: AnimateDiff's temporal transformers in a frozen diffusers image U-Net;
+- `ControlBranch`: a ControlNet-style trainable encoder copy fed a per-frame control signal.
+
+Injectors run in order, so MotionLoRA is `[MotionModule(pretrained=...), LoRA(on motion
+modules)]`. An empty list trains the whole base (full fine-tuning, the baseline).
+Checkpoints hold only the trained weights (`state_dict` is filtered) plus the base's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lit_models.nets.adapters import (
+    AfterAdapter,
+    BottleneckAdapter,
+    FrameCount,
+    ParallelAdapter,
+    ResBlockWithTemporalAdapter,
+    TemporalAdapter,
+)
+from lit_models.nets.control import ControlledUNet, sobel_edges
+from lit_models.nets.unet import FactorizedUNet
+from lit_models.text_to_video import TextToVideo
+
+
+# --- injectors ----------------------------------------------------------------------------
+
+
+class LoRA:
+    """LoRA through `peft.inject_adapter_in_model` on the modules whose names match.
+
+    Args:
+        target_modules: a regex over full module names (peft's `target_modules` string form)
+            or a list of name suffixes. The default covers the factorized U-Net's spatial
+            and temporal attention projections and ResBlock convs.
+        rank, alpha, dropout: LoRA's r, lora_alpha, lora_dropout.
+    """
+
+    DEFAULT_TARGETS = r".*(to_q|to_kv|to_qkv|to_out|proj_in|proj_out|conv1|conv2)$"
+
+    def __init__(
+        self,
+        target_modules: str | Sequence[str] = DEFAULT_TARGETS,
+        rank: int = 8,
+        alpha: float = 8.0,
+        dropout: float = 0.0,
+        adapter_name: str = "default",
+    ) -> None:
+        self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+        self.rank, self.alpha, self.dropout, self.adapter_name = rank, alpha, dropout, adapter_name
+
+    def config(self) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules
+        )
+
+    def __call__(self, net: nn.Module) -> nn.Module:
+        from peft import inject_adapter_in_model
+
+        try:
+            return inject_adapter_in_model(self.config(), net, adapter_name=self.adapter_name)
+        except ValueError as error:  # peft: "Target modules ... not found in the base model"
+            raise ValueError(f"LoRA: target_modules={self.target_modules!r} match no module of the net: {error}") from None
+
+
+def lora_layers(net: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in net.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(net: nn.Module) -> Iterator[nn.Module]:
+    """The net with its LoRA layers switched off: the base, with no second copy in memory."""
+    layers = lora_layers(net)
+    if not layers:
+        raise ValueError("adapters_disabled: the net has no LoRA layers")
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield net
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+            # enable_adapters re-marks the adapter trainable; that is what it was.
+
+
+def merge_lora(net: nn.Module) -> None:
+    """Fold the LoRA deltas into the base weights (faster inference; `unmerge_lora` undoes)."""
+    for layer in lora_layers(net):
+        layer.merge()
+
+
+def unmerge_lora(net: nn.Module) -> None:
+    for layer in lora_layers(net):
+        layer.unmerge()
+
+
+def _is_diffusers_backbone(net: nn.Module) -> bool:
+    return hasattr(net, "unet") and hasattr(getattr(net, "unet"), "config")
+
+
+def export_lora(net: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
+    """Write the adapter alone to a safetensors file.
+
+    Keys are peft's (`...lora_A.weight`, adapter name removed). For a diffusers backbone the
+    `unet.` prefix is what diffusers' `load_lora_weights` expects, so the file loads there too.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(net, adapter_name=adapter_name)
+    if not state:
+        raise ValueError("export_lora: the net has no LoRA weights")
+    # DiffusersFrameUNet keeps the U-Net as `.unet`, so peft's keys already start with `unet.`.
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "pt", "diffusers": str(_is_diffusers_backbone(net))})
+    return path
+
+
+def import_lora(net: nn.Module, path: str | Path, adapter_name: str = "default") -> None:
+    """Load an `export_lora` file into a net that has the same LoRA layers."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(net, load_file(str(path)), adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"import_lora: {path} has keys the net's LoRA layers lack, e.g. {unexpected[:3]}")
+
+
+class TrainOnly:
+    """Unfreeze the base's own parameters whose names match a regex: AnimateDiff's
+    name-matched trainable modules. On a factorized net, `r"\\.temporal\\."` trains the
+    temporal layers (its motion module) on top of the frozen spatial (image) layers."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = re.compile(pattern)
+
+    def __call__(self, net: nn.Module) -> nn.Module:
+        matched = [p for n, p in net.named_parameters() if self.pattern.search(n)]
+        if not matched:
+            raise ValueError(f"TrainOnly: pattern {self.pattern.pattern!r} matches no parameter of the net")
+        for parameter in matched:
+            parameter.requires_grad_(True)
+        return net
+
+
+class SimDAAdapters:
+    """SimDA's adapters on a `FactorizedUNet`: spatial ones in the spatial transformers (after
+    self-attention, beside the feed-forward) and a temporal one after every ResBlock.
+
+    Args:
+        spatial_ratio: bottleneck width of the spatial adapters (SimDA: 0.25).
+        temporal_ratio: bottleneck width of the temporal adapters (C -> C/2).
+        spatial, temporal: which kinds to insert.
+    """
+
+    def __init__(self, spatial_ratio: float = 0.25, temporal_ratio: float = 0.5, spatial: bool = True, temporal: bool = True) -> None:
+        self.spatial_ratio, self.temporal_ratio = spatial_ratio, temporal_ratio
+        self.spatial, self.temporal = spatial, temporal
+
+    def __call__(self, net: nn.Module) -> nn.Module:
+        if not isinstance(net, FactorizedUNet):
+            raise TypeError(f"SimDAAdapters: needs a FactorizedUNet, got {type(net).__name__}")
+        frames = FrameCount()
+
+        def count_frames(module: nn.Module, args: tuple) -> None:
+            frames.value = args[0].shape[2]  # x: (B, C, F, H, W)
+
+        net.register_forward_pre_hook(count_frames)
+        stages = [*net.down_stages, net.mid_stage, *net.up_stages]
+        for stage in stages:
+            channels = stage.resblock.conv2.out_channels
+            if self.temporal:
+                stage.resblock = ResBlockWithTemporalAdapter(stage.resblock, TemporalAdapter(channels, self.temporal_ratio), frames)
+            if self.spatial and stage.transformer is not None:
+                block = stage.transformer
+                block.self_attention = AfterAdapter(block.self_attention, BottleneckAdapter(channels, self.spatial_ratio))
+                block.feed_forward = ParallelAdapter(block.feed_forward, BottleneckAdapter(channels, self.spatial_ratio))
+        return net
+
+
+class MotionModule:
+    """AnimateDiff: diffusers' `UNetMotionModel.from_unet2d` around the frozen image U-Net of a
+    `DiffusersFrameUNet`, training only the motion modules.
+
+    Args:
+        adapter: `MotionAdapter` config kwargs for a new motion adapter (block_out_channels
+            must match the U-Net's), or None with `pretrained`.
+        pretrained: path of a saved `MotionAdapter` (`save_pretrained`), e.g. for MotionLoRA.
+        train: whether the motion modules are trained (False when LoRA goes on top).
+        zero_init_output: zero each motion transformer's `proj_out`, as AnimateDiff does
+            (diffusers initialises it randomly), so training starts at the image model.
+    """
+
+    def __init__(self, adapter: dict[str, Any] | None = None, pretrained: str | None = None, train: bool = True,
+                 zero_init_output: bool = True) -> None:
+        if (adapter is None) == (pretrained is None):
+            raise ValueError("MotionModule: give exactly one of adapter (a config) or pretrained (a path)")
+        self.adapter, self.pretrained, self.train, self.zero_init_output = adapter, pretrained, train, zero_init_output
+
+    def __call__(self, net: nn.Module) -> nn.Module:
+        from diffusers import MotionAdapter, UNetMotionModel
+
+        if not _is_diffusers_backbone(net):
+            raise TypeError(f"MotionModule: needs a diffusers image U-Net (DiffusersFrameUNet), got {type(net).__name__}")
+        if self.pretrained is not None:
+            motion_adapter = MotionAdapter.from_pretrained(self.pretrained)
+        else:
+            motion_adapter = MotionAdapter(**self.adapter)
+            if self.zero_init_output:
+                for name, parameter in motion_adapter.named_parameters():
+                    if "proj_out" in name:
+                        nn.init.zeros_(parameter)
+        motion_unet = UNetMotionModel.from_unet2d(net.unet, motion_adapter)
+        motion_unet.freeze_unet2d_params()  # leaves only the motion modules trainable
+        if not self.train:
+            motion_unet.requires_grad_(False)
+        net.unet = motion_unet
+        return net
+
+
+def save_motion_adapter(net: nn.Module, path: str | Path) -> Path:
+    """Save the trained motion modules of a `MotionModule` net as a diffusers `MotionAdapter`."""
+    from diffusers import MotionAdapter
+
+    unet = net.unet
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    adapter = MotionAdapter(
+        block_out_channels=config["block_out_channels"],
+        motion_layers_per_block=config["layers_per_block"],
+        motion_num_attention_heads=config["motion_num_attention_heads"],
+        motion_norm_num_groups=config["norm_num_groups"],
+        motion_max_seq_length=config["motion_max_seq_length"],
+        use_motion_mid_block=config["use_motion_mid_block"],
+    )
+    state = {k: v for k, v in unet.state_dict().items() if "motion_modules" in k}
+    missing, unexpected = adapter.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"save_motion_adapter: motion weights the adapter lacks, e.g. {unexpected[:3]}")
+    adapter.save_pretrained(str(path))
+    return Path(path)
+
+
+class ControlBranch:
+    """A ControlNet-style branch (`nets/control.py`) on a `FactorizedUNet`, trained alone."""
+
+    def __init__(self, control_channels: int = 1, hint_channels: int = 16) -> None:
+        self.control_channels, self.hint_channels = control_channels, hint_channels
+
+    def __call__(self, net: nn.Module) -> nn.Module:
+        return ControlledUNet(net, self.control_channels, self.hint_channels)
+
+
+CONTROL_SIGNALS = {"sobel_edges": sobel_edges}
+
+
+# --- the paradigm -------------------------------------------------------------------------
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+class ParameterEfficientFineTuning(TextToVideo):
+    """Text-to-video fine-tuning of a frozen base that trains only the injected modules.
+
+    Args:
+        net: the pretrained base network (frozen here).
+        text_encoder: its text encoder (kept frozen).
+        trainable: injectors applied in order (see module docstring); empty = full fine-tune.
+        base: where the base came from (a checkpoint path or model id), recorded in checkpoints.
+        control_signal: name in `CONTROL_SIGNALS` computing the control input from the clip
+            (`batch["control"]` wins when the data provides it); only for a `ControlBranch`.
+        **text_to_video: `TextToVideo` arguments.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        text_encoder: nn.Module,
+        trainable: Sequence[Any] = (),
+        base: str | None = None,
+        control_signal: str | None = None,
+        **text_to_video: Any,
+    ) -> None:
+        injectors = list(trainable)
+        net.requires_grad_(not injectors)  # no injector: full fine-tuning of the base
+        for inject in injectors:
+            net = inject(net)
+        text_encoder.requires_grad_(False)
+        super().__init__(net=net, text_encoder=text_encoder, **text_to_video)
+        if control_signal is not None and control_signal not in CONTROL_SIGNALS:
+            raise ValueError(f"unknown control_signal {control_signal!r}; choose one of {sorted(CONTROL_SIGNALS)}")
+        self.control_signal = control_signal
+        self.base = base
+        self.injectors = injectors
+        self.trainable_names = {n for n, p in self.named_parameters() if p.requires_grad}
+        if not self.trainable_names:
+            raise ValueError("ParameterEfficientFineTuning: nothing to train (every parameter is frozen)")
+        self._peak_memory_logged = False
+
+    def condition(self, batch: dict[str, Any], drop: bool) -> dict[str, Tensor]:
+        conditioning = super().condition(batch, drop)
+        if self.control_signal is not None:
+            control = batch.get("control")
+            conditioning["control"] = control if control is not None else CONTROL_SIGNALS[self.control_signal](batch["video"])
+        return conditioning
+
+    # --- what a checkpoint holds ---------------------------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Only the trained weights; the frozen base is found through `base`."""
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        return type(full)((k, v) for k, v in full.items() if k[len(prefix) :] in self.trainable_names)
+
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False) -> Any:
+        unexpected = sorted(set(state_dict) - set(super().state_dict()))
+        missing = sorted(self.trainable_names - set(state_dict))
+        if strict and (unexpected or missing):
+            raise RuntimeError(
+                f"{type(self).__name__}: checkpoint does not match the trained modules: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        return type(result)(missing, unexpected)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["effvid_base"] = {"base": self.base, "trained": sorted(self.trainable_names)}
+
+    # --- what it reports --------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        trainable, total = count_parameters(self)
+        self.print(f"PEFT: training {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
+        if self.logger:
+            self.logger.log_hyperparams({"params/trainable": trainable, "params/total": total})
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._peak_memory_logged and self.global_step >= 1:
+            self._peak_memory_logged = True
+            self.log("memory/peak_mb", peak_memory_mb(self.device), rank_zero_only=True)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since start: CUDA's allocator peak on a GPU; on a CPU the process's peak
+    resident set size (`ru_maxrss`), which includes the interpreter and libraries."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
