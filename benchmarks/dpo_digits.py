@@ -144,8 +144,8 @@ def main() -> None:
 
     print(f"\nheld-out prompts: {len(held_out)} x {args.eval_samples} samples; {pair_stats['pairs']} training pairs; "
           f"{args.steps} steps, batch {args.batch_size}, LoRA rank {args.rank}, lr {args.lr}, beta {args.beta}")
-    print(f"| model | run id | mean reward (± s.e.) | reward > 0 | digit acc | direction acc |")
-    print(f"|---|---|---|---|---|---|")
+    print("| model | run id | mean reward (± s.e.) | reward > 0 | digit acc | direction acc |")
+    print("|---|---|---|---|---|---|")
     for name, run_id in (("base", "base"), ("SFT on winners", run_ids["sft"]), ("Diffusion-DPO", run_ids["dpo"])):
         r = results["base" if run_id == "base" else ("sft" if name.startswith("SFT") else "dpo")]
         print(f"| {name} | {run_id} | {r['reward']:.4f} ± {r['reward_se']:.4f} | {r['reward_nonzero']:.3f} | "

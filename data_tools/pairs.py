@@ -59,7 +59,7 @@ def write_pair_shards(pairs: Iterable[PreferencePair], out_dir: str | Path, shar
     writer = stream = tmp = None
 
     def close() -> None:
-        nonlocal writer, stream, shards
+        nonlocal writer, shards
         if writer is not None:
             writer.close()
             stream.close()

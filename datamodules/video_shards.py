@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import random
 import warnings
 import zlib
 from collections.abc import Iterator
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -88,45 +86,6 @@ class _EpochClock:
         else:
             self.epoch += 1
         return self.epoch
-
-
-class _ShuffleShards:
-    """Pipeline stage: start a new epoch and shuffle the shard list with (seed, epoch).
-
-    The seed ignores rank and worker, so all readers shuffle identically before splitting.
-    With `cycle`, the list repeats forever (a new order per cycle) for fixed-length epochs.
-    """
-
-    def __init__(self, clock: _EpochClock, seed: int, cycle: bool) -> None:
-        self.clock, self.seed, self.cycle = clock, seed, cycle
-
-    def __call__(self, shards: Iterator[Sample]) -> Iterator[Sample]:
-        # Not a generator: the epoch advances when the pipeline is built, before later
-        # stages create their per-epoch random generators.
-        epoch = self.clock.next_pass()
-        return self._shuffled(list(shards), epoch)
-
-    def _shuffled(self, shards: list[Sample], epoch: int) -> Iterator[Sample]:
-        for cycle in range(1_000_000_000 if self.cycle else 1):
-            order = list(shards)
-            random.Random(f"shards:{self.seed}:{epoch}:{cycle}").shuffle(order)
-            yield from (dict(shard) for shard in order)
-
-
-def _reader_seed(seed: int, epoch: int) -> list[int]:
-    rank, _, worker, _ = wds.utils.pytorch_worker_info()
-    return [seed, max(epoch, 0), rank, worker]
-
-
-class _ShuffleSamples:
-    """Pipeline stage: buffer-shuffle samples, seeded by (seed, epoch, rank, worker)."""
-
-    def __init__(self, clock: _EpochClock, seed: int, bufsize: int) -> None:
-        self.clock, self.seed, self.bufsize = clock, seed, bufsize
-
-    def __call__(self, samples: Iterator[Sample]) -> Iterator[Sample]:
-        rng = random.Random(":".join(map(str, ["samples", *_reader_seed(self.seed, self.clock.epoch)])))
-        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(samples)
 
 
 class _SelectFiles:
@@ -234,17 +193,6 @@ def _is_failed_download(sample: Sample) -> bool:
         return json.loads(sample.get("json", b"{}")).get("status", "success") != "success"
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
-
-
-class _TakeBatchesPerReader:
-    """Pipeline stage: end the epoch after this reader's share of `epoch_samples`."""
-
-    def __init__(self, epoch_samples: int, batch_size: int) -> None:
-        self.epoch_samples, self.batch_size = epoch_samples, batch_size
-
-    def __call__(self, batches: Iterator[Sample]) -> Iterator[Sample]:
-        _, world_size, _, num_workers = wds.utils.pytorch_worker_info()
-        return islice(batches, self.epoch_samples // (self.batch_size * world_size * num_workers))
 
 
 class VideoShardDataModule(lightning.LightningDataModule):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from functools import partial
 from pathlib import Path
 

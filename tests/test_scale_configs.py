@@ -3,7 +3,6 @@ requeue, torch.compile and gradient checkpointing."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

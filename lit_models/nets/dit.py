@@ -4,7 +4,6 @@ cross-attention to the text tokens in the spatial blocks (PixArt-alpha's placeme
 
 from __future__ import annotations
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
 
