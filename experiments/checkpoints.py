@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from experiments.run_dir import RunError
@@ -101,3 +103,25 @@ def check_checkpoint_fits(path: str | Path, model: torch.nn.Module) -> None:
         + "; ".join(problems)
         + ". Resume with the run's own config (effvid-train resume=RUN_ID without model overrides)"
     )
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` that also saves the final step.
+
+    Lightning's saves `last.ckpt` at the end of training only when no checkpoint was saved at
+    all, so when `max_steps` is not a multiple of `every_n_train_steps` the steps after the
+    last periodic save would be lost (and a run extended with `resume=` would redo them).
+    The final save happens at the last batch, before EMAWeightAveraging copies the average
+    into the raw weights at train end, so it holds both, like every periodic checkpoint.
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        final_step = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+        if final_step and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+

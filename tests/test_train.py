@@ -70,14 +70,16 @@ def test_resume_continues_step_optimizer_and_wandb_run(runs: Path, digits_data_r
     assert again.returncode != 0
     assert "already completed at step 4" in again.stderr and "trainer.max_steps=" in again.stderr
 
-    cli("experiments.train", f"runs_dir={runs}", "resume=a", "trainer.max_steps=6")
+    # 7 is off the every-2-steps save interval: the final step must still be checkpointed.
+    cli("experiments.train", f"runs_dir={runs}", "resume=a", "trainer.max_steps=7")
     checkpoint = load(runs / "a" / "checkpoints" / "last.ckpt")
-    assert checkpoint["global_step"] == 6
-    assert adam_steps(checkpoint) == {6}  # the optimizer continued; a restart would show 2
+    assert checkpoint["global_step"] == 7
+    assert adam_steps(checkpoint) == {7}  # the optimizer continued; a restart would show 3
+    assert (runs / "a" / "checkpoints" / "step=000007.ckpt").exists()
     assert checkpoint["effvid"]["wandb_run_id"] == "a"
     assert len(list((runs / "a").glob("wandb/offline-run-*-a"))) == 2  # same W&B id, two segments
     status = json.loads((runs / "a" / "run.json").read_text())
-    assert status["status"] == "completed" and status["global_step"] == 6
+    assert status["status"] == "completed" and status["global_step"] == 7
 
     from experiments.run_history import STEP_KEY, load_history
 
