@@ -47,7 +47,11 @@ class JointImageVideo(TextToVideo):
             flags = torch.ones(num_images, 1, dtype=torch.bool, device=images.device)
             return x0, flags, torch.ones_like(flags, dtype=x0.dtype), [[c] for c in batch["image_caption"]]
         num_frames = videos.shape[2]
+        # A batch can hold no image at all (probability (1 - image_ratio)^batch_size per batch).
         per_clip = math.ceil(num_images / num_clips)
+        if per_clip == 0:
+            flags = torch.zeros(num_clips, num_frames, dtype=torch.bool, device=videos.device)
+            return videos, flags, torch.ones_like(flags, dtype=videos.dtype), [[c] * num_frames for c in batch["caption"]]
         slots = torch.arange(num_clips * per_clip, device=images.device)
         appended = rearrange(images[slots % max(num_images, 1)], "(b k) c h w -> b c k h w", k=per_clip)
         x0 = torch.cat([videos, appended], dim=2)

@@ -135,6 +135,18 @@ def test_joint_batch_appends_images_to_clips_with_filler_weighted_zero():
     assert captions[1] == ["a handwritten 1 moving up"] * 4 + ["a handwritten 2", "a handwritten 0"]
 
 
+def test_joint_batch_without_images_is_the_clips_alone():
+    # With image_ratio 0.25 and 20 samples, 0.3 % of batches hold no image: one in a run.
+    module = tiny_joint()
+    batch = mixed_batch(clips=3, images=0)
+    x0, image_frames, weights, captions = module.arrange(batch)
+    torch.testing.assert_close(x0, batch["video"])
+    assert not image_frames.any() and weights.eq(1).all()
+    assert captions[2] == ["a handwritten 2 moving up"] * 4
+    losses = module.joint_loss(batch, drop=False)
+    assert "image" not in losses and torch.isfinite(losses["loss"])
+
+
 def test_image_loss_trains_spatial_layers_only_and_weights_combine():
     module = tiny_joint()
     batch = mixed_batch(clips=2, images=4)
