@@ -7,7 +7,8 @@ from __future__ import annotations
 from einops import rearrange
 from torch import Tensor, nn
 
-from lit_models.nets.tokens import Attention, ConditionEmbedding, PatchEmbed, key_padding_bias, mlp, modulate, unpatchify
+from lit_models.nets.layers import Attention
+from lit_models.nets.tokens import ConditionEmbedding, PatchEmbed, mlp, modulate, unpatchify
 
 
 class AdaLNBlock(nn.Module):
@@ -27,12 +28,12 @@ class AdaLNBlock(nn.Module):
         nn.init.zeros_(self.modulation[1].weight)
         nn.init.zeros_(self.modulation[1].bias)
 
-    def forward(self, x: Tensor, embedding: Tensor, context: Tensor | None = None, context_bias: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, embedding: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
         # x: (B', L, D), embedding: (B', D), context: (B', L_text, D_text)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(embedding).chunk(6, dim=-1)
         x = x + gate1[:, None] * self.attention(modulate(self.norm1(x), shift1, scale1))
         if self.cross_attention is not None and context is not None:
-            x = x + self.cross_attention(self.cross_norm(x), context, context_bias)
+            x = x + self.cross_attention(self.cross_norm(x), context, context_mask)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -103,13 +104,11 @@ class SpaceTimeDiT(nn.Module):
         per_frame = embedding.repeat_interleave(num_frames, dim=0)  # (B*F, D)
         per_patch = embedding.repeat_interleave(num_patches, dim=0)  # (B*N, D)
         frame_context = context.repeat_interleave(num_frames, dim=0) if context is not None else None
-        frame_bias = None
-        if context_mask is not None:
-            frame_bias = key_padding_bias(context_mask.repeat_interleave(num_frames, dim=0), num_patches, x.dtype)
+        frame_mask = context_mask.repeat_interleave(num_frames, dim=0) if context_mask is not None else None
 
         h = rearrange(tokens, "b f n d -> (b f) n d")
         for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
-            h = spatial(h, per_frame, frame_context, frame_bias)  # attention within each frame
+            h = spatial(h, per_frame, frame_context, frame_mask)  # attention within each frame
             h = rearrange(h, "(b f) n d -> (b n) f d", f=num_frames)
             h = temporal(h, per_patch)  # attention across frames at each patch position
             h = rearrange(h, "(b n) f d -> (b f) n d", n=num_patches)

@@ -66,7 +66,10 @@ class Attention(nn.Module):
         # x: (N, S, D), context: (N, L, D_ctx), mask: (N, L) bool, True = attend
         q = rearrange(self.to_q(x), "n s (h d) -> n h s d", h=self.heads)
         k, v = rearrange(self.to_kv(x if context is None else context), "n l (two h d) -> two n h l d", two=2, h=self.heads)
-        attn_mask = None if mask is None else rearrange(mask, "n l -> n 1 1 l")
+        attn_mask = None
+        if mask is not None:  # a row with no real key attends everywhere, so the softmax stays finite
+            mask = mask.bool() | ~mask.bool().any(dim=-1, keepdim=True)
+            attn_mask = rearrange(mask, "n l -> n 1 1 l")
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, heads, S, d)
         return self.to_out(rearrange(out, "n h s d -> n s (h d)"))
 

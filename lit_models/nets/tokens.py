@@ -8,7 +8,6 @@ folds frames into the batch and temporal mixing folds patches into it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from einops import rearrange
 from torch import Tensor, nn
@@ -66,36 +65,6 @@ class ConditionEmbedding(nn.Module):
         if self.pooled_embedding is not None and pooled is not None:
             embedding = embedding + self.pooled_embedding(pooled.to(dtype))
         return embedding
-
-
-def key_padding_bias(mask: Tensor | None, queries: int, dtype: torch.dtype) -> Tensor | None:
-    """Additive attention bias `(B, 1, Q, K)` from a key mask `(B, K)` (True = attend); rows
-    with no real key attend everywhere, so the softmax stays finite."""
-    if mask is None:
-        return None
-    mask = mask.bool() | ~mask.bool().any(dim=-1, keepdim=True)
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-    return bias[:, None, None, :].expand(-1, 1, queries, -1)
-
-
-class Attention(nn.Module):
-    """Multi-head self- or cross-attention over `(B, L, D)` tokens."""
-
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"Attention: dim={dim} is not divisible by heads={heads}")
-        self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_kv = nn.Linear(context_dim or dim, 2 * dim, bias=False)
-        self.to_out = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, context: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-        context = x if context is None else context
-        q = rearrange(self.to_q(x), "b l (m d) -> b m l d", m=self.heads)
-        k, v = rearrange(self.to_kv(context), "b l (two m d) -> two b m l d", two=2, m=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.to_out(rearrange(out, "b m l d -> b l (m d)"))
 
 
 def mlp(dim: int, ratio: float = 4.0) -> nn.Sequential:

@@ -7,7 +7,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from lit_models.nets.tokens import Attention, ConditionEmbedding, PatchEmbed, key_padding_bias, mlp, unpatchify
+from lit_models.nets.layers import Attention
+from lit_models.nets.tokens import ConditionEmbedding, PatchEmbed, mlp, unpatchify
 
 
 class Block(nn.Module):
@@ -21,10 +22,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = mlp(dim)
 
-    def forward(self, x: Tensor, bias: Tensor | None, skip: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | None, skip: Tensor | None = None) -> Tensor:
         if self.skip is not None:
             x = self.skip(torch.cat([x, skip], dim=-1))
-        x = x + self.attention(self.norm1(x), bias=bias)
+        x = x + self.attention(self.norm1(x), mask=key_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -92,15 +93,15 @@ class UViT(nn.Module):
         num_prefix = sum(p.shape[1] for p in prefix)
         h = torch.cat([*prefix, video], dim=1)  # (B, 1 + L + F*N, D)
         key_mask = torch.cat([*mask, torch.ones(video.shape[:2], dtype=torch.bool, device=x.device)], dim=1)
-        bias = key_padding_bias(key_mask, h.shape[1], x.dtype) if context_mask is not None else None
+        key_mask = key_mask if context_mask is not None else None  # (B, 1 + L + F*N)
 
         skips = []
         for block in self.in_blocks:
-            h = block(h, bias)
+            h = block(h, key_mask)
             skips.append(h)
-        h = self.mid_block(h, bias)
+        h = self.mid_block(h, key_mask)
         for block in self.out_blocks:
-            h = block(h, bias, skips.pop())
+            h = block(h, key_mask, skips.pop())
         out = self.proj_out(self.norm_out(h[:, num_prefix:]))  # (B, F*N, p*p*C)
         out = rearrange(out, "b (f n) e -> b f n e", f=num_frames)
         return unpatchify(out, self.patch_size, height, width, self.out_channels)
