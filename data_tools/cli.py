@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from data_tools.curation_cli import add_curation_commands, run_curate, run_inspect
 from data_tools.curation_config import CurationConfigError
@@ -24,6 +25,7 @@ examples:
   effvid-data images --input data/digit_images/train --out data/shards/images
   effvid-data curate --input raw_videos/ --out data/curated --config curation.yaml
   effvid-data inspect data/curated
+  effvid-data encode --input data/digits/shards/train --out data/digits/encoded/train experiment=... --skip-text
 """
 
 _DIGITS_HELP = """\
@@ -112,7 +114,90 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep: store each file's bytes (PNG stays .png); jpg: re-encode to JPEG like img2dataset (default keep)")
     add_curation_commands(commands, _positive_int)
     _add_pairs_parser(commands)
+    _add_encode_parser(commands)
     return parser
+
+
+# --- encode: latents and text embeddings precomputed into shards ---------------------------
+
+_ENCODE_HELP = """\
+Precompute what a training run would compute at every step with frozen encoders: the VAE
+latents of every frame (paradigm.autoencoder) and the text embeddings of the captions
+(paradigm.text_encoder, when frozen), written as KEY.latent.npy, KEY.text.npz, KEY.txt and
+KEY.json into one output shard per input shard, plus _encoder.json naming the encoders by
+weight fingerprint. The encoders come from the training config, composed from the same
+overrides you train with (or from --run's config.yaml); frames are resized to data.size and
+data.channels. Train on the result with data=digits_encoded (or data._target_=
+datamodules.EncodedShardDataModule data.train_shards=OUT): the run checks that its encoders
+are the ones recorded. Re-running keeps finished shards.
+
+examples:
+  effvid-data encode --input data/digits/shards/train --out data/digits/encoded/train \\
+      experiment=magicvideo +autoencoder=digits paradigm.autoencoder.weights=runs/VAE/checkpoints/last.ckpt --skip-text
+  effvid-data encode --input data/digits/shards/train --out data/digits/encoded/train \\
+      experiment=lora_t2v base_ckpt=runs/base-digits/checkpoints/last.ckpt
+"""
+
+
+def _add_encode_parser(commands: argparse._SubParsersAction) -> None:
+    encode = commands.add_parser("encode", help="precompute VAE latents and text embeddings into shards",
+                                 description=_ENCODE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    encode.add_argument("--input", required=True, help="video shards: a folder, a glob or a brace pattern")
+    encode.add_argument("--out", required=True, type=Path, help="folder for the encoded shards")
+    encode.add_argument("--run", help="take the config from this run (id or folder) instead of the overrides")
+    encode.add_argument("--skip-text", action="store_true", help="do not precompute text embeddings")
+    encode.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision (default float16)")
+    encode.add_argument("--batch-size", type=_positive_int, default=32, help="clips per encoder batch (default 32)")
+    encode.add_argument("--max-frames", type=_positive_int, default=256, help="frames per VAE call (default 256)")
+    encode.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    encode.add_argument("overrides", nargs="*", help="effvid-train config overrides, e.g. experiment=magicvideo")
+
+
+def _encode_config(args: argparse.Namespace) -> Any:
+    from omegaconf import OmegaConf
+
+    if args.run is not None:
+        from experiments.run_dir import find_run_dir, runs_root
+
+        run_dir = find_run_dir(args.run, runs_root())
+        return OmegaConf.merge(OmegaConf.load(run_dir / "config.yaml"), OmegaConf.from_dotlist(args.overrides))
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="experiments.conf", version_base="1.3"):
+        return compose("train", overrides=list(args.overrides))
+
+
+def _run_encode(args: argparse.Namespace) -> None:
+    import lightning as L
+    import torch
+    from hydra.errors import HydraException
+
+    from data_tools.encode import EncodeInputError, encode_shards
+    from experiments.train import build_model
+
+    try:
+        cfg = _encode_config(args)
+        L.seed_everything(cfg.seed, verbose=False)  # as effvid-train: random-initialised encoders match
+        model = build_model(cfg)
+    except HydraException as error:
+        raise UsageError(f"config: {error}") from None
+    autoencoder = getattr(model, "autoencoder", None)
+    text_encoder = None if args.skip_text else getattr(model, "text_encoder", None)
+    if text_encoder is not None and getattr(text_encoder, "trainable", False):
+        raise UsageError(
+            "paradigm.text_encoder is trainable in this config, so its embeddings change as it trains; "
+            "pass --skip-text, or freeze it (paradigm.text_encoder.trainable=false)"
+        )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        stats = encode_shards(args.input, args.out, autoencoder, text_encoder, size=cfg.data.get("size"),
+                              channels=cfg.data.get("channels", 3), batch_size=args.batch_size,
+                              max_frames=args.max_frames, dtype=args.dtype, device=device)
+    except EncodeInputError as error:
+        raise UsageError(str(error)) from None
+    parts = [name for name, module in (("latents", autoencoder), ("text embeddings", text_encoder)) if module is not None]
+    print(f"encoded {' and '.join(parts)} of {stats['samples']} samples into {stats['shards']} shards in {args.out} "
+          f"({stats['shards_reused']} already done, {stats['skipped']} skipped) in {stats['seconds']:.1f} s")
 
 
 # --- pairs: preference shards (lit_models/preference.py trains on them) -------------------
@@ -217,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_inspect(args)
         elif args.command == "pairs":
             _run_pairs(args)
+        elif args.command == "encode":
+            _run_encode(args)
         else:
             _run_shards(args)
     except (UsageError, ShardInputError, PairInputError, ProbeError, CurationConfigError, FileNotFoundError,

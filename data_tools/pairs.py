@@ -17,10 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.atomic_files import write_atomic
-from data_tools.shards import shard_name
-
-STATS_NAME = "_stats.json"
-_TAR_MTIME = 0
+from data_tools.shards import STATS_NAME, TAR_MTIME, shard_name
 
 
 class PairInputError(ValueError):
@@ -73,7 +70,7 @@ def write_pair_shards(pairs: Iterable[PreferencePair], out_dir: str | Path, shar
                 close()
                 tmp = out_dir / f"{shard_name(count // shard_size)}.tar.tmp"
                 stream = open(tmp, "wb")
-                writer = wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME)
+                writer = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME)
             writer.write({
                 "__key__": f"{count:08d}",
                 "prompt.txt": pair.prompt.encode("utf-8"),

@@ -30,7 +30,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 STATS_NAME = "_stats.json"
 _SHARD_FILE = re.compile(r"^shard-(\d{6})(_\d{2,})?\.(tar|manifest\.json)$")
 # Fixed member mtime: the same inputs give byte-identical tars.
-_TAR_MTIME = 0
+TAR_MTIME = 0
 
 
 class ShardInputError(ValueError):
@@ -220,7 +220,7 @@ class _PartWriter:
         self.name = f"{part_name(self.index, len(self.parts))}.tar"
         self.tmp = self.out_dir / f"{self.name}.tmp"
         self.stream = open(self.tmp, "wb")  # noqa: SIM115 - closed in _finish / abort (TarWriter leaves it open)
-        self.writer = wds.TarWriter(self.stream, encoder=False, mtime=_TAR_MTIME)
+        self.writer = wds.TarWriter(self.stream, encoder=False, mtime=TAR_MTIME)
         self.count = 0
 
     def _finish(self) -> None:

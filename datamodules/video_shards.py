@@ -57,12 +57,11 @@ class SkippedSampleWarning(UserWarning):
 
 
 def collate_clips(samples: list[Sample]) -> dict[str, Any]:
-    """Stack decoded samples into a batch; text and metadata stay Python lists."""
+    """Stack decoded samples into a batch: tensors (`video` (B, C, F, H, W), or `latent` and
+    text embeddings from encoded shards) are stacked; text and metadata stay Python lists."""
     return {
-        "video": torch.stack([s["video"] for s in samples]),  # (B, C, F, H, W)
-        "caption": [s["caption"] for s in samples],
-        "key": [s["key"] for s in samples],
-        "meta": [s["meta"] for s in samples],
+        name: torch.stack([s[name] for s in samples]) if isinstance(value, torch.Tensor) else [s[name] for s in samples]
+        for name, value in samples[0].items()
     }
 
 
@@ -125,12 +124,14 @@ def _outside_archive(key: str) -> bool:
     return key.startswith(("/", "\\")) or ".." in key.replace("\\", "/").split("/")
 
 
-class _DecodeSamples:
+class DecodeSamples:
     """Pipeline stage: raw shard samples -> `{"video", "caption", "key", "meta"}`.
 
     A sample that cannot be used is skipped with one `SkippedSampleWarning` naming its shard
     and key, and counted in the shared `skipped` counter.
     """
+
+    media_member = "mp4"  # the member a usable sample must have
 
     def __init__(self, clock: _EpochClock | None, skipped: Any, *, caption_key: str, seed: int,
                  num_frames: int | None, stride: int, random_start: bool, size: int | None,
@@ -162,9 +163,9 @@ class _DecodeSamples:
             if _outside_archive(key):
                 self._skip(f"skipping {where}: its member path points outside the archive")
                 continue
-            if "mp4" not in sample:
+            if self.media_member not in sample:
                 # video2dataset keeps failed downloads as json-only samples: counted, not warned about.
-                self._skip(f"skipping {where}: no .mp4 member", warn=not _is_failed_download(sample))
+                self._skip(f"skipping {where}: no .{self.media_member} member", warn=not _is_failed_download(sample))
                 continue
             if self.require_caption and self.caption_key not in sample:
                 self._skip(f"skipping {where}: no .{self.caption_key} caption")
@@ -180,12 +181,15 @@ class _DecodeSamples:
                 self._skip(f"skipping {where}: .json is not valid JSON ({exc})")
                 continue
             try:
-                video = decode_clip(sample["mp4"], url=url, key=key, rng=self._sample_rng(url, key),
-                                    **self.clip_options)
+                media = self.decode_media(sample, url, key)
             except (VideoDecodeError, ClipTooShortError) as exc:
                 self._skip(f"skipping {exc}")
                 continue
-            yield {"video": video, "caption": caption.strip(), "key": key, "meta": meta}
+            yield {**media, "caption": caption.strip(), "key": key, "meta": meta}
+
+    def decode_media(self, sample: Sample, url: str, key: str) -> dict[str, torch.Tensor]:
+        """The sample's tensors; raises `VideoDecodeError` / `ClipTooShortError` naming it."""
+        return {"video": decode_clip(sample["mp4"], url=url, key=key, rng=self._sample_rng(url, key), **self.clip_options)}
 
 
 def _is_failed_download(sample: Sample) -> bool:
@@ -334,8 +338,8 @@ class VideoShardDataModule(lightning.LightningDataModule):
                 )
             self.shard_sizes = sizes  # type: ignore[assignment]
 
-    def _decode_stage(self, clock: _EpochClock | None, train: bool) -> _DecodeSamples:
-        return _DecodeSamples(
+    def _decode_stage(self, clock: _EpochClock | None, train: bool) -> DecodeSamples:
+        return DecodeSamples(
             clock, self._skipped, caption_key=self.caption_key, seed=self.seed,
             num_frames=self.num_frames, stride=self.frame_stride,
             random_start=self.random_start and train, size=self.size, channels=self.channels,

@@ -162,10 +162,12 @@ class PreemptionCheckpoint(Callback):
 
 
 class DataHealthLogger(Callback):
-    """Logs `data/skipped_samples` (bad samples the datamodule skipped so far, all workers)."""
+    """Logs `data/skipped_samples`: bad samples the datamodule skipped so far, all workers of
+    all ranks (summed across ranks; every rank logs at the same steps, as the reduction needs)."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         skipped = getattr(trainer.datamodule, "num_skipped_samples", None)
         if skipped is not None and (trainer.global_step % max(trainer.log_every_n_steps, 1) == 0):
-            pl_module.log("data/skipped_samples", float(skipped), on_step=True, on_epoch=False)
+            pl_module.log("data/skipped_samples", float(skipped), on_step=True, on_epoch=False, sync_dist=True,
+                          reduce_fx="sum")

@@ -91,6 +91,12 @@ def check_resumable(run_dir: Path, overrides: dict[str, str]) -> None:
         )
 
 
+def build_model(cfg: DictConfig) -> Any:
+    """The LightningModule of a config, initialised as a run with its seed would be."""
+    # A paradigm without a denoiser (Make-A-Video's clip stage) runs with model=null.
+    return instantiate(cfg.paradigm, net=instantiate(cfg.model) if cfg.get("model") else None)
+
+
 def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:
     """Instantiate datamodule, LightningModule and Trainer from the composed config."""
     import lightning as L
@@ -98,8 +104,7 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    # A paradigm without a denoiser (Make-A-Video's clip stage) runs with model=null.
-    model = instantiate(cfg.paradigm, net=instantiate(cfg.model) if cfg.get("model") else None)
+    model = build_model(cfg)
     if cfg.get("compile") and getattr(model, "net", None) is not None:
         model.net.compile()  # in place: parameter names (and checkpoints) stay the same
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
@@ -125,6 +130,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     try:
         datamodule, model, trainer = build(cfg, run_dir)
         datamodule.setup("fit")  # bad shard paths fail here, before the run folder is kept
+        if hasattr(datamodule, "check_model"):  # encoded shards: made by this run's encoders?
+            datamodule.check_model(model)
         if resuming:
             check_checkpoint_fits(cfg.resume, model)
     except (InstantiationException, FileNotFoundError, ValueError, RunError) as error:

@@ -116,16 +116,22 @@ class DiffusionModule(L.LightningModule):
             loss = loss * min_snr_weights(snr, self.min_snr_gamma, self.prediction_type)
         return loss
 
+    def clean_data(self, batch: dict[str, Any]) -> Tensor:
+        """A batch's clean data in the space the diffusion runs in, `(B, C, F, H, W)`."""
+        return batch["video"]
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.diffusion_loss(batch["video"], self.condition(batch, drop=True)).mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
+        x0 = self.clean_data(batch)
+        loss = self.diffusion_loss(x0, self.condition(batch, drop=True)).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # Fixed noise and timesteps per batch, so validation losses are comparable across steps.
         generator = torch.Generator().manual_seed(batch_idx)
-        loss = self.diffusion_loss(batch["video"], self.condition(batch, drop=False), generator).mean()
-        self.log("val/loss", loss, batch_size=batch["video"].shape[0], sync_dist=True)
+        x0 = self.clean_data(batch)
+        loss = self.diffusion_loss(x0, self.condition(batch, drop=False), generator).mean()
+        self.log("val/loss", loss, batch_size=x0.shape[0], sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> Any:

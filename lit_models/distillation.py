@@ -184,7 +184,7 @@ class ProgressiveDistillation(_Distillation):
             self.sample_steps = self.student_steps
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        x0 = batch["video"]  # (B, C, F, H, W)
+        x0 = self.clean_data(batch)  # (B, C, F, H, W) in diffusion space
         conditioning, unconditioning = self.captions_conditioning(batch)
         grid = self.grid(self.student_steps)
         timesteps = grid[torch.randint(0, len(grid), (x0.shape[0],), device=grid.device)]
@@ -221,7 +221,7 @@ class ConsistencyDistillation(_Distillation):
         return _expand(c_skip, x_t) * x_t + _expand(c_out, x_t) * x0
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        x0 = batch["video"]  # (B, C, F, H, W)
+        x0 = self.clean_data(batch)  # (B, C, F, H, W) in diffusion space
         conditioning, unconditioning = self.captions_conditioning(batch)
         stride = self.noise_scheduler.config.num_train_timesteps // self.num_ddim_timesteps
         index = torch.randint(1, self.num_ddim_timesteps + 1, (x0.shape[0],), device=x0.device)

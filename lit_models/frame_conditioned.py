@@ -38,10 +38,10 @@ class FrameConditionedTextToVideo(TextToVideo):
 
     def condition(self, batch: dict[str, Any], drop: bool) -> Conditioning:
         conditioning = super().condition(batch, drop)
-        videos = batch["video"]  # (B, C, F, H, W)
+        known = self.clean_data(batch)  # (B, C, F, H, W) in diffusion space
         generator = None if drop else torch.Generator().manual_seed(0)  # fixed masks at validation
-        mask = random_frame_masks(videos.shape[0], videos.shape[2], self.mask_modes, generator).to(videos.device)
-        return {**conditioning, "known": self.encode_data(videos), "known_mask": mask}
+        mask = random_frame_masks(known.shape[0], known.shape[2], self.mask_modes, generator).to(known.device)
+        return {**conditioning, "known": known, "known_mask": mask}
 
     @torch.no_grad()
     def generate_with_frames(

@@ -175,8 +175,8 @@ class ImageTextToVideo(TextToVideo):
         return self.as_conditioning(embedding.masked_fill(empty[:, None], 0.0))
 
     def clean_data(self, batch: dict[str, Any]) -> Tensor:
-        """x0 `(B, C, F, H, W)`: images as one-frame clips in the t2i stage."""
-        return batch["image"][:, :, None] if self.stage == "t2i" else batch["video"]
+        """x0 `(B, C, F, H, W)` in diffusion space: images as one-frame clips in the t2i stage."""
+        return self.encode_data(batch["image"][:, :, None] if self.stage == "t2i" else batch["video"])
 
     def image_embedding(self, batch: dict[str, Any], train: bool) -> Tensor:
         if self.stage == "t2i":

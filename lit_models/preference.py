@@ -134,7 +134,7 @@ class DiffusionDPO(ParameterEfficientFineTuning):
         win, lose = batch["win"], batch["lose"]
         conditioning = self.condition({"caption": batch["caption"], "video": win}, drop=False)
         if self.objective == "sft":
-            loss = self.diffusion_loss(win, conditioning, generator).mean()
+            loss = self.diffusion_loss(self.encode_data(win), conditioning, generator).mean()
             self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=win.shape[0])
             return loss
         errors = self.preference_errors(win, lose, conditioning, generator)

@@ -67,8 +67,12 @@ class TextToVideo(DiffusionModule):
         """The shape the diffusion runs in for videos of `shape` `(B, C, F, H, W)`."""
         return shape if self.autoencoder is None else self.autoencoder.latent_shape(shape)
 
-    def diffusion_loss(self, x0: Tensor, conditioning: Conditioning, generator: torch.Generator | None = None) -> Tensor:
-        return super().diffusion_loss(self.encode_data(x0), conditioning, generator)
+    def clean_data(self, batch: dict[str, Any]) -> Tensor:
+        """x0 `(B, C, F, H, W)` in diffusion space: the batch's precomputed `latent`
+        (`effvid-data encode` shards) or its `video`, encoded when the model is latent."""
+        if "latent" in batch:
+            return batch["latent"]
+        return self.encode_data(batch["video"])
 
     def encode_captions(self, captions: Sequence[str]) -> Conditioning:
         embedding = self.text_encoder.encode(list(captions))
@@ -76,10 +80,21 @@ class TextToVideo(DiffusionModule):
 
     def condition(self, batch: dict[str, Any], drop: bool) -> Conditioning:
         captions = list(batch["caption"])
+        keep = torch.ones(len(captions), dtype=torch.bool)
         if drop and self.cfg_dropout > 0:
             keep = torch.rand(len(captions)) >= self.cfg_dropout
-            captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
-        return self.encode_captions(captions)
+        if "context" not in batch:
+            return self.encode_captions([c if k else "" for c, k in zip(captions, keep.tolist())])
+        # Precomputed embeddings (a frozen encoder, checked against the shards' _encoder.json):
+        # dropped captions take the empty caption's embedding, as in the branch above.
+        conditioning = {name: batch[name] for name in ("context", "pooled", "context_mask")}
+        if keep.all():
+            return conditioning
+        empty = self.encode_captions([""])
+        return {
+            name: torch.where(keep.to(value.device).view(-1, *[1] * (value.dim() - 1)), value, empty[name].to(value))
+            for name, value in conditioning.items()
+        }
 
     @torch.no_grad()
     def generate(

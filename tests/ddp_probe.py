@@ -1,5 +1,6 @@
 """Run by tests/test_ddp_data.py: Lightning DDP on CPU (2 processes, gloo) over the shards in
-argv[1]; every rank writes the keys of each training batch it got to argv[2]/rank-R.json."""
+argv[1]; every rank writes the keys of each training batch it got to argv[2]/rank-R.json, and
+the `data/skipped_samples` it last logged (summed across ranks) to argv[2]/skipped-R.json."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import lightning as L
 import torch
 
 from datamodules import VideoShardDataModule
+from experiments.run_callbacks import DataHealthLogger
 
 
 class KeyRecorder(L.LightningModule):
@@ -26,6 +28,10 @@ class KeyRecorder(L.LightningModule):
 
     def on_train_end(self) -> None:
         (self.out / f"rank-{self.global_rank}.json").write_text(json.dumps(self.keys))
+        logged = self.trainer.callback_metrics.get("data/skipped_samples")
+        local = self.trainer.datamodule.num_skipped_samples
+        (self.out / f"skipped-{self.global_rank}.json").write_text(
+            json.dumps({"logged": None if logged is None else float(logged), "local": local}))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -36,5 +42,6 @@ if __name__ == "__main__":
     datamodule = VideoShardDataModule(shards, batch_size=2, num_workers=num_workers, num_frames=2,
                                       frame_stride=1, size=8, shuffle_buffer=4)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[DataHealthLogger()], log_every_n_steps=1)
     trainer.fit(KeyRecorder(out), datamodule=datamodule)
