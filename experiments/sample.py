@@ -5,6 +5,8 @@
     effvid-sample ckpt=runs/RUN_ID/checkpoints/last.ckpt sampler=ddim steps=50 guidance=2
     effvid-sample run=RUN_ID --extend 16       # 16 more frames, autoregressively (masked-frame runs)
     effvid-sample run=RUN_ID --interpolate     # twice the frame rate (masked-frame runs)
+    effvid-sample run=RUN_ID cache=3           # DeepCache: the deep U-Net features every 3rd step
+    effvid-sample pipeline=cascade run=BASE temporal_sr=LVDM_RUN spatial_sr=SR_RUN
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.run_dir import RunError, resolve_checkpoint
+from lit_models.feature_cache import sampling_cache
+from lit_models.super_resolution import resize_frames
 from lit_models.video_logging import save_samples
 
 
@@ -62,19 +66,56 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     sampler = cfg.sampler or model.sampler
     steps = cfg.steps or model.sample_steps
     guidance = model.guidance_scale if cfg.guidance is None else cfg.guidance
-    videos = model.generate(
-        prompts, sampler=sampler, steps=steps, guidance_scale=guidance, seed=cfg.seed, num_frames=cfg.num_frames
-    )
-    videos = extend_or_interpolate(model, cfg, prompts, videos, dict(sampler=sampler, steps=steps, guidance_scale=guidance))
+    sampling = dict(sampler=sampler, steps=steps, guidance_scale=guidance)
+    if cfg.pipeline not in ("single", "cascade"):
+        raise RunError(f"pipeline={cfg.pipeline!r}: choose single or cascade")
+    with sampling_cache(model, cfg.cache):
+        videos = model.generate(prompts, seed=cfg.seed, num_frames=cfg.num_frames, **sampling)
+        videos = extend_or_interpolate(model, cfg, prompts, videos, sampling)
+    stages = {"base": videos}
+    if cfg.pipeline == "cascade":
+        stages.update(run_cascade(cfg, prompts, videos))
+        videos = list(stages.values())[-1]
     out = Path(cfg.out) if cfg.out else run_dir / "samples" / dt.datetime.now().strftime("sample-%Y%m%d-%H%M%S")
-    paths = save_samples(videos, prompts, out, fps=model.sample_fps)
-    scores = model.score(prompts, videos)
+    paths = save_samples(videos, prompts, out, fps=model.sample_fps * videos.shape[2] / stages["base"].shape[2])
+    # The digit metric reads frames at the base resolution: a spatially upsampled video is scored resized back.
+    scores = model.score(prompts, resize_frames(videos, tuple(stages["base"].shape[-2:])))
     print(f"effvid-sample: {len(prompts)} videos {tuple(videos.shape[1:])} from {ckpt}")
-    print(f"  sampler={sampler} steps={steps} guidance={guidance}")
+    print(f"  sampler={sampler} steps={steps} guidance={guidance} cache={cfg.cache}")
+    if len(stages) > 1:
+        print("  cascade " + " -> ".join(f"{name} {tuple(v.shape[2:])}" for name, v in stages.items()))
     for name, value in scores.items():
         print(f"  {name:24s} {value:.4f}")
     print(f"  grid   {paths['grid']}\n  videos {out}/*.mp4")
-    return {"videos": videos, "paths": paths, "scores": scores}
+    return {"videos": videos, "paths": paths, "scores": scores, "stages": stages}
+
+
+def run_cascade(cfg: DictConfig, prompts: list[str], videos: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Imagen Video / Make-A-Video cascade after the base samples: temporal super-resolution
+    (a masked-frame run interpolating, 2F - 1 frames) then spatial super-resolution (a
+    spatial_sr run upsampling). Each stage uses its own run's sampler settings."""
+    if not cfg.temporal_sr and not cfg.spatial_sr:
+        raise RunError("pipeline=cascade needs temporal_sr=RUN and/or spatial_sr=RUN")
+    stages = {}
+    if cfg.temporal_sr:
+        stage = load_stage(cfg.temporal_sr, cfg, "interpolate", "temporal_sr", "experiment=lvdm")
+        with sampling_cache(stage, cfg.cache):
+            videos = stage.interpolate(prompts, videos, seed=cfg.seed + 3)
+        stages["temporal_sr"] = videos
+    if cfg.spatial_sr:
+        stage = load_stage(cfg.spatial_sr, cfg, "upsample", "spatial_sr", "experiment=spatial_sr_digits")
+        with sampling_cache(stage, cfg.cache):
+            videos = stage.upsample(prompts, videos, seed=cfg.seed + 4)
+        stages["spatial_sr"] = videos
+    return stages
+
+
+def load_stage(ref: str, cfg: DictConfig, method: str, key: str, trained_by: str) -> Any:
+    run_dir, ckpt = resolve_checkpoint(ref, Path(cfg.runs_dir))
+    model, _ = load_model(ckpt, run_dir)
+    if not hasattr(model, method):
+        raise RunError(f"{key}={ref}: its paradigm {type(model).__name__} cannot {method}; train one with {trained_by}")
+    return model
 
 
 def extend_or_interpolate(model: Any, cfg: DictConfig, prompts: list[str], videos: torch.Tensor, sampling: dict) -> torch.Tensor:

@@ -90,15 +90,49 @@ class DeepCache(nn.Module):
 
 @contextmanager
 def deep_cache(model: nn.Module, interval: int) -> Iterator[DeepCache | None]:
-    """Sample `model` (a `DiffusionModule`) with DeepCache on its U-Net inside the block."""
+    """Sample `model` (a `DiffusionModule`) with DeepCache on its U-Net inside the block.
+    The U-Net may sit inside conditioning wrappers (masked frames, low-res input) that keep
+    it as `.net`."""
     if interval <= 1:
         yield None
         return
-    net = model.net
+    owner = model
+    while not isinstance(owner.net, FactorizedUNet) and isinstance(getattr(owner.net, "net", None), nn.Module):
+        owner = owner.net
+    net = owner.net
     cache = DeepCache(net, interval)
-    model.net = cache
+    owner.net = cache
     try:
         yield cache
     finally:
-        model.net = net
+        owner.net = net
         cache.remove()
+
+
+DIFFUSERS_CACHES = ("first_block", "pyramid")
+
+
+@contextmanager
+def sampling_cache(model: nn.Module, spec: int | str | None) -> Iterator[None]:
+    """Feature caching for one sampling run: `spec` is a DeepCache interval (effvid's U-Net;
+    None or 1 = off) or the name of a diffusers cache hook for diffusers transformer
+    backbones (`first_block`: `FirstBlockCacheConfig`, `pyramid`:
+    `PyramidAttentionBroadcastConfig`)."""
+    if spec is None or isinstance(spec, int) or str(spec).isdigit():
+        with deep_cache(model, int(spec or 1)):
+            yield
+        return
+    if spec not in DIFFUSERS_CACHES:
+        raise ValueError(f"cache={spec!r}: give a DeepCache interval (an integer) or one of {DIFFUSERS_CACHES}")
+    if not hasattr(model.net, "enable_cache"):
+        raise ValueError(f"cache={spec} needs a diffusers transformer backbone (model=latte|cogvideox); "
+                         f"this run's net is {type(model.net).__name__}: use an integer DeepCache interval")
+    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+
+    config = FirstBlockCacheConfig(threshold=0.05) if spec == "first_block" else PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800))
+    model.net.enable_cache(config)
+    try:
+        yield
+    finally:
+        model.net.disable_cache()
