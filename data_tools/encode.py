@@ -61,13 +61,13 @@ def _decoded_samples(url: str, size: int | None, channels: int, skipped: Any, ti
     """Every sample of one video shard decoded whole (all frames, first to last)."""
     import webdataset as wds
 
-    from datamodules.video_shards import DecodeSamples, _CountTarErrors, _SelectFiles
+    from datamodules.video_shards import CountTarErrors, DecodeSamples, SelectFiles
 
     stage = DecodeSamples(None, skipped, caption_key="txt", seed=0, num_frames=None, stride=1, random_start=False,
                           size=size, channels=channels, timeout=timeout)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([url]),
-        wds.tarfile_to_samples(handler=_CountTarErrors(skipped), select_files=_SelectFiles({"mp4", "json", "txt"})),
+        wds.tarfile_to_samples(handler=CountTarErrors(skipped), select_files=SelectFiles({"mp4", "json", "txt"})),
         stage,
     )
     yield from pipeline

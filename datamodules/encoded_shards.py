@@ -20,7 +20,7 @@ import webdataset as wds
 
 from datamodules.shard_lists import ShardSpec, resolve_shards
 from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, sample_frame_indices
-from datamodules.video_shards import DecodeSamples, Sample, VideoShardDataModule, _CountTarErrors, _SelectFiles
+from datamodules.video_shards import CountTarErrors, DecodeSamples, Sample, SelectFiles, VideoShardDataModule
 from lit_models.encoded_inputs import ENCODER_INFO_NAME, EncoderMismatchError, check_encoders, read_encoder_info
 
 
@@ -113,6 +113,6 @@ class EncodedShardDataModule(VideoShardDataModule):
 
     def _read_samples(self) -> Any:
         return wds.tarfile_to_samples(
-            handler=_CountTarErrors(self._skipped),
-            select_files=_SelectFiles({"latent.npy", "text.npz", "json", self.caption_key}),
+            handler=CountTarErrors(self._skipped),
+            select_files=SelectFiles({"latent.npy", "text.npz", "json", self.caption_key}),
         )

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.shard_lists import ShardSpec, check_enough_shards, resolve_shards
 from datamodules.video_decoding import _resize_center_crop
-from datamodules.video_shards import SkippedSampleWarning, _SelectFiles, _warn_and_continue
+from datamodules.video_shards import SelectFiles, SkippedSampleWarning, _warn_and_continue
 
 Sample = dict[str, Any]
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -159,7 +159,7 @@ class ImageShardDataModule(lightning.LightningDataModule):
             self.val_urls = resolve_shards(self.val_shards)
 
     def _pipeline(self, urls: list[str], train: bool) -> wds.DataPipeline:
-        files = _SelectFiles({*IMAGE_EXTENSIONS, "json", self.caption_key})
+        files = SelectFiles({*IMAGE_EXTENSIONS, "json", self.caption_key})
         return wds.DataPipeline(
             wds.SimpleShardList(urls),
             _SeededShuffle(self.seed, "shards") if train else None,

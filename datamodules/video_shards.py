@@ -87,7 +87,7 @@ class _EpochClock:
         return self.epoch
 
 
-class _SelectFiles:
+class SelectFiles:
     """Only these extensions are read out of the tar; anything else (e.g. `.pyd`) is never
     loaded, let alone unpickled."""
 
@@ -105,7 +105,7 @@ def _warn_and_continue(exn: Exception) -> bool:
     return True
 
 
-class _CountTarErrors:
+class CountTarErrors:
     """tar-level error handler like `_warn_and_continue` that also counts the error in the
     datamodule's skipped counter (a truncated shard loses its remaining samples)."""
 
@@ -348,7 +348,7 @@ class VideoShardDataModule(lightning.LightningDataModule):
 
     def _read_samples(self) -> Any:
         return wds.tarfile_to_samples(
-            handler=_CountTarErrors(self._skipped), select_files=_SelectFiles({"mp4", "json", self.caption_key})
+            handler=CountTarErrors(self._skipped), select_files=SelectFiles({"mp4", "json", self.caption_key})
         )
 
     def train_pipeline(self) -> wds.DataPipeline:
