@@ -133,20 +133,22 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         name = f"{r['label']}:{r['sampler']}" + (f" deepcache {r['cache']}" if r["cache"] > 1 else "")
         series.setdefault(name, []).append((r["nfe"], r["digit_accuracy"]))
-    for name, points in sorted(series.items()):
-        points.sort()
-        ax.plot(*zip(*points), marker="o", label=name)
+    colors = plt.get_cmap("tab20").colors
+    markers = "os^Dv<>ph*"
+    for index, (name, points) in enumerate(sorted(series.items())):
+        points.sort()  # tab20 colours x markers: no two series look alike in a long legend
+        ax.plot(*zip(*points), marker=markers[index % len(markers)], color=colors[index % len(colors)], label=name)
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations (NFE)")
     ax.set_ylabel("frame digit accuracy")
     ax.set_title("moving digits: quality vs sampling cost")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
