@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from einops import rearrange
 
 from data_tools.atomic_files import write_atomic
 from data_tools.shards import STATS_NAME, TAR_MTIME
@@ -57,8 +56,10 @@ def encoded_settings(autoencoder: Any, text_encoder: Any, size: int | None, chan
     }
 
 
-def _decoded_samples(url: str, size: int | None, channels: int, skipped: Any, timeout: float | None) -> Iterator[dict[str, Any]]:
-    """Every sample of one video shard decoded whole (all frames, first to last)."""
+def _decoded_batches(url: str, size: int | None, channels: int, skipped: Any, timeout: float | None,
+                     batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Every sample of one video shard decoded whole (all frames, first to last), in lists of
+    up to `batch_size`."""
     import webdataset as wds
 
     from datamodules.video_shards import CountTarErrors, DecodeSamples, SelectFiles
@@ -69,6 +70,7 @@ def _decoded_samples(url: str, size: int | None, channels: int, skipped: Any, ti
         wds.SimpleShardList([url]),
         wds.tarfile_to_samples(handler=CountTarErrors(skipped), select_files=SelectFiles({"mp4", "json", "txt"})),
         stage,
+        wds.batched(batch_size, collation_fn=list, partial=True),
     )
     yield from pipeline
 
@@ -160,14 +162,7 @@ def encode_shards(
         with open(tmp, "wb") as stream, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SkippedSampleWarning)
             writer = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME)
-            batch: list[dict[str, Any]] = []
-            for sample in _decoded_samples(url, size, channels, skipped, decode_timeout):
-                batch.append(sample)
-                if len(batch) == batch_size:
-                    for entry in _encode_batch(batch, autoencoder, text_encoder, device, max_frames, np.dtype(dtype)):
-                        writer.write(entry)
-                    written, batch = written + len(batch), []
-            if batch:
+            for batch in _decoded_batches(url, size, channels, skipped, decode_timeout, batch_size):
                 for entry in _encode_batch(batch, autoencoder, text_encoder, device, max_frames, np.dtype(dtype)):
                     writer.write(entry)
                 written += len(batch)

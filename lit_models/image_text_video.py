@@ -221,13 +221,6 @@ class ImageTextToVideo(TextToVideo):
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        generator = torch.Generator().manual_seed(batch_idx)
-        x0 = self.clean_data(batch)
-        loss = self.diffusion_loss(x0, self.condition(batch, drop=False), generator).mean()
-        self.log("val/loss", loss, batch_size=x0.shape[0], sync_dist=True)
-        return loss
-
     def configure_optimizers(self) -> Any:
         """Video stage without freezing: the spatial layers at `spatial_lr_scale` x the LR."""
         if self.stage == "t2i" or self.freeze_spatial:

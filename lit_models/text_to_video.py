@@ -72,7 +72,12 @@ class TextToVideo(DiffusionModule):
         (`effvid-data encode` shards) or its `video`, encoded when the model is latent."""
         if "latent" in batch:
             return batch["latent"]
-        return self.encode_data(batch["video"])
+        if self.autoencoder is None:
+            return batch["video"]
+        # Stored in the batch: the frozen VAE runs once per batch although training_step and
+        # condition() (known frames, the low-res clip) both ask for x0.
+        batch["latent"] = self.encode_data(batch["video"])
+        return batch["latent"]
 
     def encode_captions(self, captions: Sequence[str]) -> Conditioning:
         embedding = self.text_encoder.encode(list(captions))

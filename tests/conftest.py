@@ -52,3 +52,11 @@ def tiny_overrides(data_root: Path, runs_dir: Path, max_steps: int = 4) -> list[
         "data.num_workers=0",
         "data.shuffle_buffer=8",
     ]
+
+
+def compose_config(overrides: list[str], config_name: str = "train"):
+    """A composed experiments/conf config (`train` or `sample`), as the CLIs would build it."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
+        return compose(config_name, overrides=overrides)

@@ -9,7 +9,6 @@ from functools import partial
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from hydra import compose, initialize_config_module
 
 from experiments.sample import run_sampling
 from experiments.train import run_training
@@ -17,7 +16,7 @@ from lit_models.conditioning import OpenClipTextEncoder
 from lit_models.feature_cache import sampling_cache
 from lit_models.nets import FactorizedUNet, TemporalConv
 from lit_models.super_resolution import LowResConditioning, SpatialSuperResolution, resize_frames
-from tests.conftest import tiny_overrides
+from tests.conftest import compose_config, tiny_overrides
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 TEXT = dict(text_cfg=dict(width=16, layers=1, heads=4, context_length=12, vocab_size=49408), embed_dim=16)
@@ -91,32 +90,25 @@ def test_super_resolution_stage_learns_to_use_the_low_res_clip():
         assert loss_with(right) < 0.7 * loss_with(swapped)
 
 
-def compose_run(overrides: list[str]):
-    with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
-        return compose("train", overrides=overrides)
-
-
 def test_cascade_pipeline_doubles_frames_then_resolution(tmp_path, digits_data_root):
     runs = tmp_path / "runs"
     common = [*tiny_overrides(digits_data_root, runs, max_steps=2), "~logger", "trainer.limit_val_batches=0"]
-    run_training(compose_run([*common, "run_id=base"]))
-    run_training(compose_run([*common, "run_id=tsr", "experiment=lvdm"]))
-    run_training(compose_run([*common, "run_id=ssr", "experiment=spatial_sr_digits", "model.channels=[8,16,16]",
-                              "data.batch_size=2"]))
-    with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
-        cfg = compose("sample", overrides=[
-            f"runs_dir={runs}", "run=base", "prompts=[a handwritten 5 moving up]", "pipeline=cascade",
-            "temporal_sr=tsr", "spatial_sr=ssr", "steps=2", f"out={tmp_path / 'out'}", "cache=2",
-        ])  # fmt: skip
+    run_training(compose_config([*common, "run_id=base"]))
+    run_training(compose_config([*common, "run_id=tsr", "experiment=lvdm"]))
+    run_training(compose_config([*common, "run_id=ssr", "experiment=spatial_sr_digits", "model.channels=[8,16,16]",
+                                 "data.batch_size=2"]))
+    cfg = compose_config([
+        f"runs_dir={runs}", "run=base", "prompts=[a handwritten 5 moving up]", "pipeline=cascade",
+        "temporal_sr=tsr", "spatial_sr=ssr", "steps=2", f"out={tmp_path / 'out'}", "cache=2",
+    ], "sample")  # fmt: skip
     result = run_sampling(cfg)
     base, temporal, spatial = (result["stages"][k] for k in ("base", "temporal_sr", "spatial_sr"))
     assert base.shape == (1, 1, 8, 16, 16) and temporal.shape == (1, 1, 15, 16, 16) and spatial.shape == (1, 1, 15, 32, 32)
     torch.testing.assert_close(temporal[:, :, ::2], base)  # interpolation keeps the base frames
     assert len(list((tmp_path / "out").glob("*.mp4"))) == 1
 
-    with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
-        bad = compose("sample", overrides=[f"runs_dir={runs}", "run=base", "pipeline=cascade", "spatial_sr=tsr",
-                                           "prompts=[a handwritten 5 moving up]", "steps=2"])
+    bad = compose_config([f"runs_dir={runs}", "run=base", "pipeline=cascade", "spatial_sr=tsr",
+                          "prompts=[a handwritten 5 moving up]", "steps=2"], "sample")
     with pytest.raises(Exception, match="spatial_sr=tsr: its paradigm FrameConditionedTextToVideo cannot upsample"):
         run_sampling(bad)
 

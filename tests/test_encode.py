@@ -12,13 +12,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
 from data_tools.cli import main as data_main
 from datamodules import EncodedShardDataModule, VideoShardDataModule
 from experiments.train import build_model, run_training
 from lit_models.latent import FrameAutoencoder
-from tests.conftest import tiny_overrides
+from tests.conftest import compose_config, tiny_overrides
 from tests.test_faults import BAD_SAMPLES, good, write_tar
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
@@ -40,11 +39,6 @@ def latent_overrides(data_root: Path, runs_dir: Path, vae: Path, max_steps: int 
     ]  # fmt: skip
 
 
-def compose_train(overrides: list[str]):
-    with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
-        return compose("train", overrides=overrides)
-
-
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory, digits_data_root) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("encoded")
@@ -62,7 +56,7 @@ def first_batch(dm, **kwargs):
 
 
 def test_encoded_batches_give_the_training_step_the_encoders_inputs(encoded, digits_data_root):
-    cfg = compose_train(latent_overrides(digits_data_root, encoded["root"] / "runs", encoded["vae"]))
+    cfg = compose_config(latent_overrides(digits_data_root, encoded["root"] / "runs", encoded["vae"]))
     L.seed_everything(cfg.seed)
     model = build_model(cfg)
     options = dict(batch_size=4, num_workers=0, num_frames=cfg.data.num_frames, frame_stride=2, size=16,
@@ -104,17 +98,17 @@ def test_run_trains_on_encoded_shards_and_refuses_other_encoders(encoded, digits
     base = [*latent_overrides(digits_data_root, tmp_path / "runs", encoded["vae"], max_steps=3), "~logger",
             "data=digits_encoded", f"data.train_shards={encoded['train']}", f"data.val_shards={encoded['val']}",
             "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8"]
-    metrics = run_training(compose_train([*base, "run_id=enc"]))
+    metrics = run_training(compose_config([*base, "run_id=enc"]))
     assert json.loads((tmp_path / "runs" / "enc" / "run.json").read_text())["global_step"] == 3
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
     other_vae = vae_weights(tmp_path / "other.ckpt", seed=1)
     with pytest.raises(SystemExit, match=r"train/_encoder\.json: autoencoder\.fingerprint"):
-        run_training(compose_train([*base, "run_id=other-vae", f"paradigm.autoencoder.weights={other_vae}"]))
+        run_training(compose_config([*base, "run_id=other-vae", f"paradigm.autoencoder.weights={other_vae}"]))
     with pytest.raises(SystemExit, match="text_encoder.trainable=true"):
-        run_training(compose_train([*base, "run_id=trained-text", "paradigm.text_encoder.trainable=true"]))
+        run_training(compose_config([*base, "run_id=trained-text", "paradigm.text_encoder.trainable=true"]))
     with pytest.raises(SystemExit, match="encoded at size=16 but data.size=32"):
-        run_training(compose_train([*base, "run_id=size", "data.size=32"]))
+        run_training(compose_config([*base, "run_id=size", "data.size=32"]))
     assert not (tmp_path / "runs" / "other-vae").exists()
 
 
