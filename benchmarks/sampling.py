@@ -26,16 +26,18 @@ import torch
 from lit_models.feature_cache import deep_cache
 from lit_models.metrics import DIRECTIONS
 
-COLUMNS = ("label", "sampler", "steps", "cache", "nfe", "sec_per_video", "digit_accuracy",
+COLUMNS = ("label", "sampler", "steps", "cache", "nfe", "sec_per_video", "digit_accuracy", "digit_se",
            "temporal_consistency", "direction_accuracy", "fid", "videos")  # fmt: skip
+PER_VIDEO = "per_video_digit_accuracy"
 
 
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
-def digit_prompts(count: int) -> list[str]:
+def digit_prompts(count: int, first: int = 0) -> list[str]:
+    """Prompts of videos `first .. first + count - 1`: digits 0-9 x directions, cycled."""
     directions = list(DIRECTIONS)
-    return [f"a handwritten {i % 10} moving {directions[(i * 3) % len(directions)]}" for i in range(count)]
+    return [f"a handwritten {i % 10} moving {directions[(i * 3) % len(directions)]}" for i in range(first, first + count)]
 
 
 def real_frames(data_root: str, run_cfg: Any, limit: int) -> torch.Tensor:
@@ -55,16 +57,23 @@ def real_frames(data_root: str, run_cfg: Any, limit: int) -> torch.Tensor:
     return torch.cat(clips)[:limit]
 
 
-def measure(model: Any, prompts: list[str], sampler: str, steps: int, guidance: float, cache: int, seed: int, batch: int) -> tuple[torch.Tensor, int, float]:
-    """Videos, network calls and wall seconds of sampling `prompts` in batches of `batch`."""
+def measure(
+    model: Any, prompts: list[str], sampler: str, steps: int, guidance: float, cache: int, seed: int, batch: int, first_video: int = 0
+) -> tuple[torch.Tensor, int, float]:
+    """Videos, network calls and wall seconds of sampling `prompts` in batches of `batch`.
+
+    Batch `first` of the prompts starts from seed `seed + first_video + first`, so a run over
+    videos 100-299 continues one over 0-99 with the same noise a single run over 0-299 draws."""
+    from tqdm import tqdm
+
     calls = []
     videos = []
     start = time.perf_counter()
-    for first in range(0, len(prompts), batch):
+    for first in tqdm(range(0, len(prompts), batch), desc=f"{sampler} {steps} steps", unit="batch", leave=False):
         with deep_cache(model, cache):
             handle = model.net.register_forward_hook(lambda *_: calls.append(1))
             try:
-                videos.append(model.generate(prompts[first : first + batch], sampler=sampler, steps=steps, guidance_scale=guidance, seed=seed + first))
+                videos.append(model.generate(prompts[first : first + batch], sampler=sampler, steps=steps, guidance_scale=guidance, seed=seed + first_video + first))
             finally:
                 handle.remove()
     seconds = time.perf_counter() - start
@@ -100,11 +109,13 @@ def run(args: argparse.Namespace) -> None:
         model.generate(digit_prompts(args.batch), sampler="ddim", steps=1)
     for sampler, steps, cache in settings:
         count = args.ddpm_videos if steps == 1000 else args.videos
-        prompts = digit_prompts(count)
+        prompts = digit_prompts(count, args.first_video)
         with torch.inference_mode():
-            videos, nfe, seconds = measure(model, prompts, sampler, steps, guidance, cache, args.seed, args.batch)
+            videos, nfe, seconds = measure(model, prompts, sampler, steps, guidance, cache, args.seed, args.batch, args.first_video)
         row = {"label": args.label or run_dir.name, "sampler": sampler, "steps": steps, "cache": cache, "nfe": nfe,
-               "sec_per_video": seconds / count, "videos": count, "guidance": guidance, **model.score(prompts, videos)}  # fmt: skip
+               "sec_per_video": seconds / count, "videos": count, "guidance": guidance, **model.score(prompts, videos),
+               "first_video": args.first_video, "seed": args.seed,
+               "per_video_digit_accuracy": [round(model.score([p], v[None])["digit_accuracy"], 4) for p, v in zip(prompts, videos)]}  # fmt: skip
         if fid is not None and (steps in args.fid_steps or steps == 1000):
             fid.reset()
             fid.update(video_frames_uint8(videos, args.fid_frames), real=False)
@@ -120,6 +131,37 @@ def format_row(row: dict[str, Any]) -> str:
         value = row.get(key)
         cells.append(f"{value:.3f}" if isinstance(value, float) else "-" if value is None else str(value))
     return " | ".join(cells)
+
+
+def merge_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per setting: rows of the same label, sampler, steps, cache, guidance and seed
+    over disjoint video ranges (`--first-video`) become one, their means weighted by videos.
+    `digit_se` is the standard error of the digit accuracy over videos, where every part
+    kept its per-video scores."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        key = (r["label"], r["sampler"], r["steps"], r["cache"], r.get("guidance"), r.get("seed", 0))
+        groups.setdefault(key, []).append(r)
+    merged = []
+    for parts in groups.values():
+        ranges = sorted((p.get("first_video", 0), p.get("first_video", 0) + p["videos"]) for p in parts)
+        if any(end > start for (_, end), (start, _) in zip(ranges, ranges[1:])):  # overlapping reruns: keep each
+            merged.extend(parts)
+            continue
+        videos = sum(p["videos"] for p in parts)
+        row = {**parts[0], "videos": videos, "first_video": ranges[0][0]}
+        for key in ("sec_per_video", "digit_accuracy", "temporal_consistency", "direction_accuracy"):
+            if all(key in p for p in parts):
+                row[key] = sum(p[key] * p["videos"] for p in parts) / videos
+        row["nfe"] = max(p["nfe"] for p in parts)
+        if len(parts) > 1:
+            row.pop("fid", None)  # FID of one part's frames is not the merged set's
+        if all(PER_VIDEO in p for p in parts):
+            per_video = torch.tensor([a for p in sorted(parts, key=lambda p: p.get("first_video", 0)) for a in p[PER_VIDEO]])
+            row[PER_VIDEO] = per_video.tolist()
+            row["digit_se"] = float(per_video.std() / len(per_video) ** 0.5) if len(per_video) > 1 else None
+        merged.append(row)
+    return merged
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -168,6 +210,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--guidance", type=float, help="default: the run's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--first-video", type=int, default=0, help="index of the first video: extends an earlier run's rows (same --seed) with more videos")
     parser.add_argument("--fid-steps", nargs="*", type=int, default=[], help="step counts that also get frame FID")
     parser.add_argument("--fid-frames", type=int, default=2, help="frames per video fed to FID")
     parser.add_argument("--fid-real-clips", type=int, default=64, help="held-out clips for FID's real statistics")
@@ -177,7 +220,7 @@ def main() -> None:
     parser.add_argument("--plot", help="write the quality-vs-NFE PNG of --table's rows here")
     args = parser.parse_args()
     if args.table:
-        rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
+        rows = merge_rows([json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()])
         print(table(rows))
         if args.plot:
             plot(rows, Path(args.plot))

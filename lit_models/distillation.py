@@ -7,6 +7,10 @@
   the consistency parameterization `c_skip(t) x_t + c_out(t) x0(x_t, t)`, maps a point on the
   teacher's probability-flow ODE to the same clean video as an EMA copy of itself does one
   teacher DDIM step further down; sampled with diffusers' `LCMScheduler` in 1-4 steps.
+- `PhasedConsistencyDistillation` (PCM, Wang et al. 2024): the trajectory is cut into as many
+  phases as sampling steps, and the student maps each point to the start of its phase rather than
+  to the clean video, so a few deterministic DDIM steps on the phase edges follow the teacher's
+  ODE instead of re-noising after every LCM jump.
 
 Both start the student (and the frozen text tower) from a run checkpoint and distil the
 teacher's classifier-free guidance into it, so students sample with guidance 1.
@@ -226,13 +230,13 @@ class ConsistencyDistillation(_Distillation):
         stride = self.noise_scheduler.config.num_train_timesteps // self.num_ddim_timesteps
         index = torch.randint(1, self.num_ddim_timesteps + 1, (x0.shape[0],), device=x0.device)
         timesteps = index * stride - 1  # LCM's grid: stride - 1, 2 stride - 1, ..., T - 1
-        previous = (timesteps - stride).clamp(min=0)
+        previous = timesteps - stride  # -1 below the grid: the end of sampling
         x_t = self.noised(x0, timesteps)
         prediction = self.consistency_function(self.net, x_t, timesteps, conditioning)
         with torch.no_grad():
             teacher_x0, teacher_eps = self.teacher_x0_eps(x_t, timesteps, conditioning, unconditioning)
             x_previous = ddim_step(teacher_x0, teacher_eps, self.alpha_bar(previous))
-            target = self.consistency_function(self.target_net, x_previous, previous, conditioning)
+            target = self.consistency_target(x_previous, previous, timesteps, conditioning)
         if self.huber_c is None:
             loss = F.mse_loss(prediction, target)
         else:
@@ -240,7 +244,56 @@ class ConsistencyDistillation(_Distillation):
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
+    def consistency_target(self, x_previous: Tensor, previous: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
+        """The EMA target's consistency function one teacher step down, at `previous`."""
+        return self.consistency_function(self.target_net, x_previous, previous.clamp(min=0), conditioning)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
             for target, student in zip(self.target_net.parameters(), self.net.parameters()):
                 target.lerp_(student, 1 - self.target_ema)
+
+
+class PhasedConsistencyDistillation(ConsistencyDistillation):
+    """Phased consistency distillation: `phases` deterministic sampling steps on the edges of
+    `ddim_trailing`'s `phases`-step grid (T - 1, ..., T / phases - 1, then the clean end).
+
+    The consistency function of phase (e, e + T / phases] is one DDIM step of the network's
+    (x0, eps) from `x_t` to the phase's lower edge `e`, so it tends to the identity as t nears
+    `e`, the boundary condition LCM needs c_skip / c_out for; a teacher step that lands on the
+    edge is its own target. Sample with `sampler=ddim_trailing steps=phases guidance=1`.
+
+    Args:
+        phases: sampling steps the student is trained for; must divide the solver grid.
+        **consistency: `ConsistencyDistillation` arguments.
+    """
+
+    def __init__(self, phases: int = 4, **consistency: Any) -> None:
+        super().__init__(**consistency)
+        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        if num_train_timesteps % phases or self.num_ddim_timesteps % phases:
+            raise ValueError(
+                f"PhasedConsistencyDistillation: phases={phases} must divide num_train_timesteps="
+                f"{num_train_timesteps} and num_ddim_timesteps={self.num_ddim_timesteps} (phase edges on the solver grid)"
+            )
+        if num_train_timesteps % self.num_ddim_timesteps:
+            raise ValueError(f"PhasedConsistencyDistillation: num_ddim_timesteps={self.num_ddim_timesteps} must divide {num_train_timesteps}")
+        self.phases = phases
+        self.sample_steps = phases
+
+    def phase_edge(self, timesteps: Tensor) -> Tensor:
+        """The lower edge of each timestep's phase; -1 (the clean end) for the last phase."""
+        length = self.noise_scheduler.config.num_train_timesteps // self.phases
+        return timesteps // length * length - 1
+
+    def consistency_function(self, net: nn.Module, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
+        """f(x_t, t) = the DDIM step of the network's (x0, eps) from t to the phase edge below t."""
+        x0, eps = split_prediction(net(x_t, timesteps, **conditioning).float(), x_t, self.alpha_bar(timesteps), self.prediction_type)
+        return ddim_step(x0, eps, self.alpha_bar(self.phase_edge(timesteps)))
+
+    def consistency_target(self, x_previous: Tensor, previous: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
+        """One teacher step that lands on the phase edge is the target itself; otherwise the
+        EMA target carries `x_previous` to the same edge."""
+        on_edge = previous == self.phase_edge(timesteps)  # (B,)
+        carried = self.consistency_function(self.target_net, x_previous, previous.clamp(min=0), conditioning)
+        return torch.where(_expand(on_edge, x_previous).bool(), x_previous, carried)

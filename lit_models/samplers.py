@@ -8,6 +8,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -22,11 +23,17 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "ddim_trailing": (DDIMScheduler, {"set_alpha_to_one": False, "timestep_spacing": "trailing", "clip_sample": False}),
     "dpmpp": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_3m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    # DPM-Solver++(2M) SDE: the same solver on the reverse SDE; the fresh noise each step
+    # corrects the errors a deterministic ODE sampler carries to the end (as DDPM's does).
+    "dpmpp_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
     # Multistep consistency sampling, for consistency-distilled students (lit_models/distillation.py);
     # its c_skip/c_out are the ones `consistency_scalings` trains with.
     "lcm": (LCMScheduler, {"set_alpha_to_one": False}),
+    # Trajectory-consistency sampling (Zheng et al. 2024): LCM's steps, but each re-noises only
+    # part of the way (`eta`, gamma in the paper), keeping some of the predicted noise.
+    "tcd": (TCDScheduler, {"set_alpha_to_one": False}),
 }
 
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from lit_models.samplers import make_sampler
-from lit_models.distillation import ConsistencyDistillation, ProgressiveDistillation, consistency_scalings
+from lit_models.distillation import ConsistencyDistillation, PhasedConsistencyDistillation, ProgressiveDistillation, consistency_scalings
 from tests.conftest import tiny_overrides
 
 
@@ -93,7 +93,36 @@ def test_consistency_function_is_the_identity_at_the_smallest_t(digits_data_root
         assert torch.allclose(torch.stack([c_skip[0], c_out[0]]), torch.tensor(lcm.get_scalings_for_boundary_condition_discrete(t)).float())
 
 
-@pytest.mark.parametrize("paradigm", ["progressive_distillation", "consistency_distillation"])
+@torch.no_grad()
+def test_phased_consistency_function_is_the_identity_on_phase_edges_and_samples_with_ddim(digits_data_root: Path, tmp_path: Path, teacher_checkpoint: Path) -> None:
+    student, _ = tiny_student(digits_data_root, tmp_path, "phased_consistency_distillation", teacher_checkpoint)
+    assert isinstance(student, PhasedConsistencyDistillation) and student.sample_steps == 4
+    assert student.phase_edge(torch.tensor([999, 750, 749, 500, 274, 249, 24])).tolist() == [749, 749, 499, 499, 249, -1, -1]
+    x = torch.randn(2, 1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = student.encode_captions(["a handwritten 1 moving down"] * 2)
+    for edge in (-1, 249, 499, 749):  # just above an edge the map moves x a step's worth, at the top a phase's
+        near = (student.consistency_function(student.net, x, torch.full((2,), edge + 1), cond) - x).abs().mean()
+        far = (student.consistency_function(student.net, x, torch.full((2,), edge + 250), cond) - x).abs().mean()
+        assert near < 0.05 * far, (edge, near, far)
+
+    # A teacher step landing on the phase edge is the target itself, else the EMA target's map.
+    x_previous = torch.randn_like(x)
+    target = student.consistency_target(x_previous, torch.tensor([499, 474]), torch.tensor([524, 499]), cond)
+    assert torch.equal(target[0], x_previous[0])
+    assert torch.allclose(target[1], student.consistency_function(student.target_net, x_previous, torch.tensor([474, 474]), cond)[1])
+
+    # Sampling with diffusers' `ddim_trailing` in 4 steps chains the consistency function edge to edge.
+    scheduler = make_sampler("ddim_trailing", student.noise_scheduler)
+    scheduler.set_timesteps(4)
+    sampled = chained = x
+    for t in scheduler.timesteps:
+        t_batch = torch.full((2,), int(t))
+        sampled = scheduler.step(student.net(sampled, t_batch, **cond), t, sampled).prev_sample
+        chained = student.consistency_function(student.net, chained, t_batch, cond)
+    assert torch.allclose(sampled, chained, atol=1e-5), (sampled - chained).abs().max()
+
+
+@pytest.mark.parametrize("paradigm", ["progressive_distillation", "consistency_distillation", "phased_consistency_distillation"])
 def test_distillation_trains_only_the_student(digits_data_root: Path, tmp_path: Path, teacher_checkpoint: Path, paradigm: str) -> None:
     student, cfg = tiny_student(digits_data_root, tmp_path, paradigm, teacher_checkpoint)
     datamodule = instantiate(cfg.data)

@@ -109,3 +109,26 @@ def test_deep_cache_context_samples_and_restores_the_net(perturbed_model) -> Non
         assert cache.calls == 4
     assert perturbed_model.net is net
     assert cached.shape == exact.shape and torch.isfinite(cached).all()
+
+
+@torch.no_grad()
+def test_sampling_benchmark_extends_a_run_with_the_noise_one_longer_run_draws(perturbed_model) -> None:
+    from benchmarks.sampling import digit_prompts, measure, merge_rows
+
+    prompts = digit_prompts(4)
+    assert digit_prompts(2, first=2) == prompts[2:]
+    whole, _, _ = measure(perturbed_model, prompts, "ddim", 2, 3.0, 1, seed=7, batch=2)
+    head, _, _ = measure(perturbed_model, prompts[:2], "ddim", 2, 3.0, 1, seed=7, batch=2)
+    tail, _, _ = measure(perturbed_model, prompts[2:], "ddim", 2, 3.0, 1, seed=7, batch=2, first_video=2)
+    assert torch.equal(torch.cat([head, tail]), whole)
+
+    def row(first: int, per_video: list[float], label: str = "a") -> dict:
+        return {"label": label, "sampler": "ddim", "steps": 2, "cache": 1, "nfe": 2, "sec_per_video": 1.0, "guidance": 3.0,
+                "seed": 7, "first_video": first, "videos": len(per_video), "digit_accuracy": sum(per_video) / len(per_video),
+                "per_video_digit_accuracy": per_video}  # fmt: skip
+
+    (merged,) = merge_rows([row(0, [1.0, 0.0]), row(2, [1.0, 1.0, 1.0, 1.0])])
+    assert merged["videos"] == 6 and merged["digit_accuracy"] == pytest.approx(5 / 6)
+    assert merged["digit_se"] == pytest.approx(float(torch.tensor([1.0, 0, 1, 1, 1, 1]).std()) / 6**0.5)
+    assert len(merge_rows([row(0, [1.0, 0.0]), row(1, [1.0, 1.0])])) == 2  # overlapping reruns stay apart
+    assert len(merge_rows([row(0, [1.0]), row(1, [0.0], label="b")])) == 2
