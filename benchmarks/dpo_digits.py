@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,7 +72,15 @@ def evaluate(ckpt: Path, prompts: list[str], samples_per_prompt: int, seed: int,
         "reward_nonzero": (reward > 0).float().mean().item(),
         **metric,
         "videos": len(expanded),
+        "per_video_reward": [round(r, 5) for r in reward.tolist()],
     }
+
+
+def paired_gain(result: dict[str, Any], base: dict[str, Any]) -> tuple[float, float]:
+    """Mean reward gain over `base` and its standard error, video by video: both sampled the
+    same prompts from the same seeds, so the pairing removes most of the noise the seeds add."""
+    gain = torch.tensor(result["per_video_reward"]) - torch.tensor(base["per_video_reward"])
+    return gain.mean().item(), (gain.std() / len(gain) ** 0.5).item()
 
 
 def main() -> None:
@@ -144,12 +153,13 @@ def main() -> None:
 
     print(f"\nheld-out prompts: {len(held_out)} x {args.eval_samples} samples; {pair_stats['pairs']} training pairs; "
           f"{args.steps} steps, batch {args.batch_size}, LoRA rank {args.rank}, lr {args.lr}, beta {args.beta}")
-    print("| model | run id | mean reward (± s.e.) | reward > 0 | digit acc | direction acc |")
-    print("|---|---|---|---|---|---|")
-    for name, run_id in (("base", "base"), ("SFT on winners", run_ids["sft"]), ("Diffusion-DPO", run_ids["dpo"])):
-        r = results["base" if run_id == "base" else ("sft" if name.startswith("SFT") else "dpo")]
-        print(f"| {name} | {run_id} | {r['reward']:.4f} ± {r['reward_se']:.4f} | {r['reward_nonzero']:.3f} | "
-              f"{r['digit_accuracy']:.3f} | {r['direction_accuracy']:.3f} |")
+    print("| model | run id | mean reward (± s.e.) | gain over base (paired s.e.) | reward > 0 | digit acc | direction acc |")
+    print("|---|---|---|---|---|---|---|")
+    for name, key in (("base", "base"), ("SFT on winners", "sft"), ("Diffusion-DPO", "dpo")):
+        r = results[key]
+        gain, gain_se = paired_gain(r, results["base"])
+        print(f"| {name} | {run_ids.get(key, 'base')} | {r['reward']:.4f} ± {r['reward_se']:.4f} | {gain:+.4f} ± {gain_se:.4f} | "
+              f"{r['reward_nonzero']:.3f} | {r['digit_accuracy']:.3f} | {r['direction_accuracy']:.3f} |")
     print(f"total {time.time() - started:.0f} s; {args.work / 'results.json'}")
 
 
