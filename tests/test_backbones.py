@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
+
+from tests.conftest import compose_config
 
 TEXT_WIDTH = 16
 # Per config file, the overrides that make it tiny.
@@ -36,8 +37,7 @@ def tiny_backbone(name: str) -> torch.nn.Module:
         f"paradigm.text_encoder.text_cfg.width={TEXT_WIDTH}", f"paradigm.text_encoder.embed_dim={TEXT_WIDTH}",
         "paradigm.text_encoder.text_cfg.context_length=6", *TINY[name],
     ]  # fmt: skip
-    with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_config(overrides)
     torch.manual_seed(0)
     return instantiate(cfg.model)
 

@@ -6,19 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from data_tools.video_io import decode_mp4
 from lit_models.diffusion import min_snr_weights
 from lit_models.samplers import SAMPLERS
 from lit_models.video_logging import save_samples
-from tests.conftest import tiny_overrides
+from tests.conftest import compose_config, tiny_overrides
 
 
 def tiny_model(data_root: Path, tmp_path: Path, *extra: str):
-    with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
-        cfg = compose("train", overrides=[*tiny_overrides(data_root, tmp_path), "run_id=t", *extra])
+    cfg = compose_config([*tiny_overrides(data_root, tmp_path), "run_id=t", *extra])
     torch.manual_seed(0)
     return instantiate(cfg.paradigm, net=instantiate(cfg.model)), cfg
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import av
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
 import datamodules.video_decoding as video_decoding
 from data_tools.video_io import encode_mp4
@@ -24,7 +23,7 @@ from datamodules import VideoShardDataModule
 from datamodules.video_shards import SkippedSampleWarning
 from experiments.checkpoints import AtomicCheckpointIO
 from experiments.train import run_training
-from tests.conftest import tiny_overrides
+from tests.conftest import compose_config, tiny_overrides
 from tests.test_video_datamodule import indexed_clip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,9 +123,7 @@ def test_unknown_config_key_stops_the_cli_naming_it_and_leaves_no_run(tmp_path, 
 def test_checkpoint_from_another_model_is_refused_by_name(tmp_path, digits_data_root):
     foreign = tmp_path / "foreign.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"net.conv_in.weight": torch.zeros(3, 3)}}, foreign)
-    with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
-        cfg = compose("train", overrides=[*tiny_overrides(digits_data_root, tmp_path / "runs"), "run_id=r",
-                                          f"resume={foreign}", "~logger"])
+    cfg = compose_config([*tiny_overrides(digits_data_root, tmp_path / "runs"), "run_id=r", f"resume={foreign}", "~logger"])
     with pytest.raises(SystemExit, match=r"foreign\.ckpt was saved by a different model.*missing"):
         run_training(cfg)
 
@@ -151,11 +148,10 @@ def test_training_on_faulty_shards_finishes_and_logs_the_skipped_count(tmp_path,
               {k: v for i in range(8) for k, v in good(f"g{i}").items()} | BAD_SAMPLES["garbage mp4"][0])
     write_tar(shards / "shard-000001.tar", {k: v for i in range(8, 16) for k, v in good(f"g{i}").items()}
               | {"nocap.mp4": GOOD})
-    with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
-        cfg = compose("train", overrides=[
-            *tiny_overrides(digits_data_root, tmp_path / "runs", max_steps=3), "run_id=faulty", "~logger",
-            f"data.train_shards={shards}", "trainer.limit_val_batches=0", "data.num_frames=4", "data.frame_stride=1",
-        ])
+    cfg = compose_config([
+        *tiny_overrides(digits_data_root, tmp_path / "runs", max_steps=3), "run_id=faulty", "~logger",
+        f"data.train_shards={shards}", "trainer.limit_val_batches=0", "data.num_frames=4", "data.frame_stride=1",
+    ])
     with pytest.warns(SkippedSampleWarning):
         metrics = run_training(cfg)
     status = json.loads((tmp_path / "runs" / "faulty" / "run.json").read_text())

@@ -156,15 +156,13 @@ def test_pair_shards_read_back_through_the_preference_datamodule(tmp_path: Path)
 @pytest.fixture(scope="module")
 def tiny_base_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An effvid checkpoint of the quickstart's config with a tiny random network."""
-    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from tests.conftest import tiny_overrides
+    from tests.conftest import compose_config, tiny_overrides
 
     folder = tmp_path_factory.mktemp("base")
-    with initialize_config_module("experiments.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*tiny_overrides(folder, folder), "run_id=base"])
+    cfg = compose_config([*tiny_overrides(folder, folder), "run_id=base"])
     torch.manual_seed(0)
     module = instantiate(cfg.paradigm, net=instantiate(cfg.model))
     path = folder / "base.ckpt"
@@ -205,12 +203,12 @@ def test_pairs_cli_samples_ranks_and_writes_shards_the_datamodule_reads(tiny_bas
 def test_experiment_configs_build_their_paradigm_on_a_base_checkpoint(
     experiment: str, paradigm: str, trained: str | tuple[str, ...], tiny_base_ckpt: Path, tmp_path: Path
 ) -> None:
-    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    with initialize_config_module("experiments.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", f"base_ckpt={tiny_base_ckpt}", "run_id=x",
-                                          f"runs_dir={tmp_path}", f"data_root={tmp_path}"])
+    from tests.conftest import compose_config
+
+    cfg = compose_config([f"experiment={experiment}", f"base_ckpt={tiny_base_ckpt}", "run_id=x",
+                          f"runs_dir={tmp_path}", f"data_root={tmp_path}"])
     module = instantiate(cfg.paradigm, net=instantiate(cfg.model))
     assert type(module).__name__ == paradigm and cfg.callbacks.ema is None
     markers = (trained,) if isinstance(trained, str) else trained
@@ -219,10 +217,9 @@ def test_experiment_configs_build_their_paradigm_on_a_base_checkpoint(
 
 
 def test_animatediff_configs_compose() -> None:
-    from hydra import compose, initialize_config_module
+    from tests.conftest import compose_config
 
-    with initialize_config_module("experiments.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=animatediff_motionlora", "base_path=/sd", "motion_adapter=/ma", "run_id=x"])
+    cfg = compose_config(["experiment=animatediff_motionlora", "base_path=/sd", "motion_adapter=/ma", "run_id=x"])
     targets = [t["_target_"] for t in cfg.paradigm.trainable]
     assert targets == ["lit_models.peft.MotionModule", "lit_models.peft.LoRA"] and cfg.model.path == "/sd"
     assert cfg.paradigm.text_encoder.model_name == "ViT-L-14" and cfg.paradigm.text_encoder.ckpt is None

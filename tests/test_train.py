@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 
 from data_tools.video_io import decode_mp4
 from experiments.run_dir import RunError
 from experiments.train import prepare_argv, run_training
-from tests.conftest import tiny_overrides
+from tests.conftest import compose_config, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,14 +123,12 @@ def test_unknown_resume_id_names_the_id(tmp_path: Path) -> None:
 
 
 def test_unknown_config_key_is_named(digits_data_root: Path, tmp_path: Path) -> None:
-    with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
-        with pytest.raises(ConfigCompositionException, match="max_stepz"):
-            compose("train", overrides=[*tiny_overrides(digits_data_root, tmp_path), "trainer.max_stepz=3"])
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        compose_config([*tiny_overrides(digits_data_root, tmp_path), "trainer.max_stepz=3"])
 
 
 def test_missing_shards_stop_with_the_path_and_leave_no_run(tmp_path: Path) -> None:
-    with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
-        cfg = compose("train", overrides=[*tiny_overrides(tmp_path / "nowhere", tmp_path / "runs"), "run_id=x"])
+    cfg = compose_config([*tiny_overrides(tmp_path / "nowhere", tmp_path / "runs"), "run_id=x"])
     with pytest.raises(SystemExit, match="nowhere"):
         run_training(cfg)
     assert not (tmp_path / "runs" / "x").exists()
