@@ -135,7 +135,7 @@ examples:
   effvid-data encode --input data/digits/shards/train --out data/digits/encoded/train \\
       experiment=magicvideo +autoencoder=digits paradigm.autoencoder.weights=runs/VAE/checkpoints/last.ckpt --skip-text
   effvid-data encode --input data/digits/shards/train --out data/digits/encoded/train \\
-      experiment=lora_t2v base_ckpt=runs/base-digits/checkpoints/last.ckpt
+      experiment=lora_t2v pretrained=runs/base-digits
 """
 
 
@@ -247,11 +247,11 @@ def _run_pairs(args: argparse.Namespace) -> None:
             raise UsageError(f"unknown --reward {args.reward!r}; choose one of {sorted(REWARDS)}")
         pairs = generate_pairs(args.ckpt, read_prompts(args.prompts), args.per_prompt, REWARDS[args.reward],
                                seed=args.seed, batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance)
-    from lit_models.base_models import BaseCheckpointError
+    from lit_models.bundle import BundleError
 
     try:
         stats = write_pair_shards(pairs, args.out, shard_size=args.shard_size)
-    except BaseCheckpointError as error:  # a bad --ckpt surfaces when the first pair is drawn
+    except BundleError as error:  # a bad --ckpt surfaces when the first pair is drawn
         raise PairInputError(str(error)) from None
     print(f"wrote {stats['pairs']} pairs to {stats['shards']} shards in {args.out}")
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.run_dir import RunError, resolve_checkpoint
@@ -27,33 +26,16 @@ from lit_models.super_resolution import resize_frames
 from lit_models.video_logging import save_samples
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint without unpickling arbitrary objects."""
+def load_model(ckpt_path: Path, run_dir: Path, weights: str = "auto") -> tuple[Any, DictConfig]:
+    """The run's LightningModule, rebuilt from the checkpoint's own config through effvid's
+    builders (never a callable the checkpoint names), with its EMA (or raw) weights."""
+    from lit_models.bundle import BundleError, load_run
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or foreign files
-        raise RunError(f"cannot read checkpoint {path}: {error}") from None
-
-
-def load_model(ckpt_path: Path, run_dir: Path) -> tuple[Any, DictConfig]:
-    """Rebuild the run's LightningModule from its config and load the (EMA) weights."""
-    checkpoint = load_checkpoint(ckpt_path)
-    stamp = checkpoint.get("effvid")
-    if stamp is not None:
-        cfg = OmegaConf.create(stamp["config"])
-    elif (run_dir / "config.yaml").exists():
-        cfg = OmegaConf.load(run_dir / "config.yaml")
-    else:
-        raise RunError(f"{ckpt_path} is not an effvid checkpoint and {run_dir}/config.yaml is missing")
-    # A paradigm without a denoiser (Make-A-Video's clip stage) runs with model=null.
-    model = instantiate(cfg.paradigm, net=instantiate(cfg.model) if cfg.get("model") else None)
-    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
-    if missing or unexpected:
-        raise RunError(
-            f"checkpoint {ckpt_path} does not match the model of its config: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    return model.eval(), cfg
+        model, cfg, _ = load_run(ckpt_path, weights)
+    except BundleError as error:
+        raise RunError(str(error)) from None
+    return model, cfg
 
 
 def run_sampling(cfg: DictConfig) -> dict[str, Any]:

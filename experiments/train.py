@@ -92,9 +92,11 @@ def check_resumable(run_dir: Path, overrides: dict[str, str]) -> None:
 
 
 def build_model(cfg: DictConfig) -> Any:
-    """The LightningModule of a config, initialised as a run with its seed would be."""
-    # A paradigm without a denoiser (Make-A-Video's clip stage) runs with model=null.
-    return instantiate(cfg.paradigm, net=instantiate(cfg.model) if cfg.get("model") else None)
+    """The LightningModule of a config, initialised as a run with its seed would be: over the
+    `pretrained=` bundle, or over the network `model=` builds (`lit_models.bundle.build_module`)."""
+    from lit_models.bundle import build_module
+
+    return build_module(cfg)
 
 
 def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:

@@ -160,11 +160,13 @@ def tiny_diffusers_unet(tmp_path):
 
 
 def test_motion_module_on_a_from_pretrained_image_unet(tmp_path) -> None:
-    from lit_models.base_models import load_diffusers_net
+    from diffusers import UNet2DConditionModel
+
+    from lit_models.nets.diffusers_video import DiffusersFrameUNet
     from lit_models.peft import save_motion_adapter
 
     folder = tiny_diffusers_unet(tmp_path)
-    base = load_diffusers_net(folder, subfolder="unet")
+    base = DiffusersFrameUNet(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
     adapter = {"block_out_channels": [8, 16], "motion_layers_per_block": 1, "motion_num_attention_heads": 2,
                "motion_norm_num_groups": 4, "motion_max_seq_length": 8}
     module = tiny_module(copy.deepcopy(base), [MotionModule(adapter=adapter)])

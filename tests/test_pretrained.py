@@ -1,0 +1,193 @@
+"""Pretrained bundles in and out, on tiny random diffusers folders of every supported family:
+what effvid trains on a folder loads back into that family's own diffusers pipeline with the
+same denoiser output (the pipeline's denoiser call is captured with a hook, so the pipeline's
+latent layout, timestep and text features are the ones compared), and text features equal the
+pipeline's `encode_prompt` exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+from experiments.train import run_training
+from lit_models.bundle import BundleError, load_bundle, load_run_module
+from lit_models.export import ExportError, export_run
+from tests.conftest import compose_config
+from tests.tiny_pipelines import FOLDER_WRITERS, write_motion_adapter
+
+PROMPT = "a handwritten 3 moving up"
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipelines")
+    out = {name: write(root / name) for name, write in FOLDER_WRITERS.items()}
+    out["motion_adapter"] = write_motion_adapter(root / "motion_adapter")
+    return out
+
+
+# family -> experiment, clip frames, the pipeline call, how the pipeline lays out the denoiser's input
+FAMILIES: dict[str, dict[str, Any]] = {
+    "cogvideox": dict(experiment="cogvideox_lora", frames=9, pipeline="CogVideoXPipeline",
+                      call=dict(num_frames=9, max_sequence_length=16), layout="frames_first"),
+    "ltx": dict(experiment="ltx_video_lora", frames=9, pipeline="LTXPipeline",
+                call=dict(num_frames=9, max_sequence_length=128), layout="packed"),
+    "wan": dict(experiment="wan_t2v_lora", frames=9, pipeline="WanPipeline", call=dict(num_frames=9), layout="video"),
+    "modelscope": dict(experiment="modelscope_t2v", frames=8, pipeline="TextToVideoSDPipeline",
+                       call=dict(num_frames=8), layout="video"),
+    "sd": dict(experiment="animatediff_motionlora", frames=8, pipeline="AnimateDiffPipeline",
+               call=dict(num_frames=8), layout="video"),
+}
+
+
+def train(folders: dict[str, Path], data_root: Path, runs_dir: Path, family: str, run_id: str, *extra: str) -> Path:
+    """A real 2-step effvid-train run of the family's experiment at a learning rate that moves
+    the weights visibly; returns its last checkpoint."""
+    spec = FAMILIES[family]
+    overrides = [
+        f"experiment={spec['experiment']}", f"pretrained={folders[family]}", f"data_root={data_root}",
+        f"runs_dir={runs_dir}", f"run_id={run_id}", "data.size=32", f"data.num_frames={spec['frames']}",
+        "data.num_workers=0", "data.shuffle_buffer=4", "data.batch_size=2", "trainer.max_steps=2",
+        "trainer.limit_val_batches=0", "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "~logger", "callbacks.checkpoint.every_n_train_steps=2", "paradigm.optimizer.lr=0.05",
+        "paradigm.lr_scheduler.num_warmup_steps=0",
+    ]  # fmt: skip
+    if family == "sd":
+        overrides.append(f"bundle.motion_adapter={folders['motion_adapter']}")
+    torch.manual_seed(0)
+    run_training(compose_config([*overrides, *extra]))
+    return runs_dir / run_id / "checkpoints" / "last.ckpt"
+
+
+def pipeline(name: str, folder: Path, **components: Any) -> Any:
+    import diffusers
+
+    pipe = getattr(diffusers, name).from_pretrained(str(folder), **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def denoiser_call(pipe: Any, family: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, t, output) of the pipeline's first denoiser call, as effvid lays them out `(B, C, F, H, W)`."""
+    spec = FAMILIES[family]
+    component = "unet" if hasattr(pipe, "unet") and pipe.unet is not None else "transformer"
+    seen: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not seen:
+            seen.update(args=args, kwargs=kwargs, out=output[0] if isinstance(output, tuple) else output.sample)
+
+    handle = getattr(pipe, component).register_forward_hook(hook, with_kwargs=True)
+    try:
+        pipe(PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+             generator=torch.Generator().manual_seed(0), **spec["call"])
+    finally:
+        handle.remove()
+    args, kwargs, out = seen["args"], seen["kwargs"], seen["out"]
+    x = kwargs.get("hidden_states", args[0] if args else kwargs.get("sample"))
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if spec["layout"] == "frames_first":  # CogVideoX: (B, F, C, H, W)
+        x, out = x.permute(0, 2, 1, 3, 4), out.permute(0, 2, 1, 3, 4)
+    elif spec["layout"] == "packed":  # LTX-Video: (B, tokens, C)
+        from diffusers import LTXPipeline
+
+        grid = (kwargs["num_frames"], kwargs["height"], kwargs["width"])
+        x, out = LTXPipeline._unpack_latents(x, *grid), LTXPipeline._unpack_latents(out, *grid)
+    return x, torch.as_tensor(t), out
+
+
+@torch.no_grad()
+def effvid_output(module: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return module.net(x, t.reshape(-1).expand(x.shape[0]), **module.encode_captions([PROMPT] * x.shape[0]))
+
+
+def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+# --- text conditioning parity -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd", "modelscope", "cogvideox", "ltx", "wan", "latte"])
+@torch.no_grad()  # as the pipelines run it (autograd mode picks other kernels, ~1e-6 apart)
+def test_bundle_text_features_equal_the_pipelines_encode_prompt(folders: dict[str, Path], family: str) -> None:
+    from diffusers import DiffusionPipeline
+
+    bundle = load_bundle(folders[family])
+    pipe = DiffusionPipeline.from_pretrained(str(folders[family]))
+    prompts = [PROMPT, "", "a handwritten 7 moving down-left"]
+    ours = bundle.text_encoder.encode(prompts)
+    length = bundle.text_encoder.max_length
+    if family in ("sd", "modelscope"):
+        theirs, mask = pipe.encode_prompt(prompts, "cpu", 1, False)[0], None
+    elif family == "ltx":
+        theirs, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=length)
+    elif family == "latte":
+        theirs, mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, mask_feature=False, clean_caption=False)[0], None
+    else:
+        theirs, mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=length)[0], None
+    assert torch.equal(ours.tokens, theirs)
+    assert (ours.mask is None) == (mask is None) and (mask is None or torch.equal(ours.mask, mask.bool()))
+    if family in ("sd", "modelscope"):  # CLIP pads with <|endoftext|> (49407), not open_clip's 0
+        assert bundle.text_encoder.tokenizer.pad_token_id == 49407
+
+
+# --- round trips: trained in effvid, loaded by the family's pipeline ----------------------
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "ltx", "wan", "sd"])
+def test_exported_lora_loads_into_the_pipeline_with_effvids_output(
+    folders: dict[str, Path], digits_data_root: Path, tmp_path: Path, family: str
+) -> None:
+    spec = FAMILIES[family]
+    # rank 4 != alpha 8: diffusers must scale by alpha / rank = 2, as effvid trained it
+    lora = "paradigm.trainable.1" if family == "sd" else "paradigm.trainable.0"  # MotionLoRA: after MotionModule
+    ckpt = train(folders, digits_data_root, tmp_path / "runs", family, "lora", f"{lora}.rank=4", f"{lora}.alpha=8")
+    module = load_run_module(ckpt)
+    record = export_run(ckpt, tmp_path / "lora")
+    assert (record.format, record.weights, record.lora_rank, record.lora_alpha) == ("lora", "raw", 4, 8.0)
+    components = {"motion_adapter": _motion_adapter(folders)} if family == "sd" else {}
+    base = pipeline(spec["pipeline"], folders[family], **components)
+    x, t, base_out = denoiser_call(base, family)
+    tuned = pipeline(spec["pipeline"], folders[family], **components)
+    tuned.load_lora_weights(str(tmp_path / "lora"))
+    x2, t2, tuned_out = denoiser_call(tuned, family)
+    assert torch.equal(x, x2) and torch.equal(t, t2)
+    ours = effvid_output(module, x, t)
+    assert max_difference(ours, tuned_out) <= 1e-5
+    assert max_difference(tuned_out, base_out) > 1e-3  # the LoRA changed the denoiser
+
+
+def _motion_adapter(folders: dict[str, Path]) -> Any:
+    from diffusers import MotionAdapter
+
+    return MotionAdapter.from_pretrained(str(folders["motion_adapter"]))
+
+
+@pytest.mark.parametrize("family", ["modelscope", "cogvideox", "ltx", "wan"])
+def test_merged_full_export_loads_whole_with_effvids_output(
+    folders: dict[str, Path], digits_data_root: Path, tmp_path: Path, family: str
+) -> None:
+    spec = FAMILIES[family]
+    ckpt = train(folders, digits_data_root, tmp_path / "runs", family, "full",
+                 "paradigm.trainable.0.rank=4", "paradigm.trainable.0.alpha=2")  # fmt: skip
+    module = load_run_module(ckpt)
+    record = export_run(ckpt, tmp_path / "merged", format="full")
+    assert record.format == "full" and json.loads((tmp_path / "merged" / "effvid_export.json").read_text())["weights"] == "raw"
+    import diffusers
+
+    component = "unet" if family == "modelscope" else "transformer"
+    model_class = type(getattr(pipeline(spec["pipeline"], folders[family]), component))
+    _, info = model_class.from_pretrained(str(tmp_path / "merged"), subfolder=component, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # no weight initialised anew
+    merged = pipeline(spec["pipeline"], tmp_path / "merged")
+    x, t, merged_out = denoiser_call(merged, family)
+    _, _, base_out = denoiser_call(pipeline(spec["pipeline"], folders[family]), family)
+    assert max_difference(effvid_output(module, x, t), merged_out) <= 1e-5
+    assert max_difference(merged_out, base_out) > 1e-3
+    assert isinstance(merged, getattr(diffusers, spec["pipeline"]))
