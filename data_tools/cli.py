@@ -192,7 +192,8 @@ def _run_encode(args: argparse.Namespace) -> None:
     try:
         stats = encode_shards(args.input, args.out, autoencoder, text_encoder, size=cfg.data.get("size"),
                               channels=cfg.data.get("channels", 3), batch_size=args.batch_size,
-                              max_frames=args.max_frames, dtype=args.dtype, device=device)
+                              max_frames=args.max_frames, dtype=args.dtype, device=device,
+                              num_frames=cfg.data.get("num_frames"), frame_stride=cfg.data.get("frame_stride", 1))
     except EncodeInputError as error:
         raise UsageError(str(error)) from None
     parts = [name for name, module in (("latents", autoencoder), ("text embeddings", text_encoder)) if module is not None]

@@ -7,6 +7,7 @@
     effvid-sample run=RUN_ID --interpolate     # twice the frame rate (masked-frame runs)
     effvid-sample run=RUN_ID cache=3           # DeepCache: the deep U-Net features every 3rd step
     effvid-sample pipeline=cascade run=BASE temporal_sr=LVDM_RUN spatial_sr=SR_RUN
+    effvid-sample run=RUN_ID backend=diffusers   # a pretrained-bundle run through its family's diffusers pipeline
 """
 
 from __future__ import annotations
@@ -51,9 +52,15 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     sampling = dict(sampler=sampler, steps=steps, guidance_scale=guidance)
     if cfg.pipeline not in ("single", "cascade"):
         raise RunError(f"pipeline={cfg.pipeline!r}: choose single or cascade")
-    with sampling_cache(model, cfg.cache):
-        videos = model.generate(prompts, seed=cfg.seed, num_frames=cfg.num_frames, **sampling)
-        videos = extend_or_interpolate(model, cfg, prompts, videos, sampling)
+    if cfg.backend not in ("effvid", "diffusers"):
+        raise RunError(f"backend={cfg.backend!r}: choose effvid or diffusers")
+    if cfg.backend == "diffusers":
+        videos = diffusers_backend(model, cfg, prompts, steps, guidance)
+        sampler = f"{type(model.noise_scheduler).__name__} (the family pipeline's own)"
+    else:
+        with sampling_cache(model, cfg.cache):
+            videos = model.generate(prompts, seed=cfg.seed, num_frames=cfg.num_frames, **sampling)
+            videos = extend_or_interpolate(model, cfg, prompts, videos, sampling)
     stages = {"base": videos}
     if cfg.pipeline == "cascade":
         stages.update(run_cascade(cfg, prompts, videos))
@@ -70,6 +77,19 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         print(f"  {name:24s} {value:.4f}")
     print(f"  grid   {paths['grid']}\n  videos {out}/*.mp4")
     return {"videos": videos, "paths": paths, "scores": scores, "stages": stages}
+
+
+def diffusers_backend(model: Any, cfg: DictConfig, prompts: list[str], steps: int, guidance: float) -> torch.Tensor:
+    """The run's denoiser inside its family's diffusers pipeline (its scheduler, text encoding and
+    VAE decoding), for comparison with effvid's samplers."""
+    from lit_models.diffusers_pipelines import pipeline_generate
+
+    if cfg.extend or cfg.interpolate or cfg.pipeline != "single" or cfg.cache is not None:
+        raise RunError("backend=diffusers samples plain text-to-video: drop --extend/--interpolate/pipeline=/cache=")
+    try:
+        return pipeline_generate(model, prompts, steps, guidance, cfg.seed, cfg.num_frames)
+    except ValueError as error:
+        raise RunError(f"backend=diffusers: {error}") from None
 
 
 def run_cascade(cfg: DictConfig, prompts: list[str], videos: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -329,9 +329,11 @@ def load_run_bundle(ckpt: Path) -> ModelBundle:
     net = module.net
     if lora_layers(net):
         net = merge_and_unload_lora(net)
-    for part in (net, module.text_encoder, getattr(module, "autoencoder", None)):
-        if part is not None:
-            part.requires_grad_(True if part is net else False)
+    for part in (module.text_encoder, getattr(module, "autoencoder", None)):
+        if part is not None:  # a bundle's encoders are frozen, whatever the run did with them
+            part.requires_grad_(False)
+            part.trainable = False
+    net.requires_grad_(True)
     source_family = getattr(module, "bundle_family", None)
     return ModelBundle(net=net, noise_scheduler=module.noise_scheduler, text_encoder=module.text_encoder,
                        autoencoder=getattr(module, "autoencoder", None), source=str(ckpt), family=source_family)  # fmt: skip
@@ -374,5 +376,7 @@ def build_module(cfg: DictConfig) -> nn.Module:
             raise BundleError(f"paradigm {cfg.paradigm._target_} cannot start from a pretrained bundle: {error}") from None
         module.bundle_family = bundle.family
         module.bundle_pipeline = bundle.pipeline_class
+        if hasattr(module, "external_parts"):  # rebuilt from pretrained= at every load: not checkpointed
+            module.external_parts = ("text_encoder.", "autoencoder.")
         return module
     return instantiate(cfg.paradigm, net=instantiate(cfg.model) if cfg.get("model") else None)

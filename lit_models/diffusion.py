@@ -122,7 +122,7 @@ class DiffusionModule(L.LightningModule):
             return (sigmas * num_train_timesteps).to(x0.device)
         return torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
 
-    def noised(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+    def noisy_and_target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         """(x_t, the network's regression target) for clean `x0` and `noise` at `timesteps`."""
         if self.flow_matching:
             return flow_noised(x0, noise, timesteps, self.noise_scheduler.config.num_train_timesteps)
@@ -134,7 +134,7 @@ class DiffusionModule(L.LightningModule):
         """Weighted denoising loss per sample, shape `(B,)`."""
         timesteps = self.draw_timesteps(x0, generator)
         noise = torch.randn(x0.shape, generator=generator).to(x0)  # (B, C, F, H, W)
-        x_t, target = self.noised(x0, noise, timesteps)
+        x_t, target = self.noisy_and_target(x0, noise, timesteps)
         prediction = self.net(x_t, timesteps, **conditioning)
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
         loss = loss.flatten(1).mean(dim=1)  # (B,)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lit_models.bundle import BundleError, load_run, read_checkpoint
+from lit_models.diffusers_pipelines import denoiser_model, family_pipeline
 from lit_models.peft import LoRA, MotionModule, lora_layers, merge_and_unload_lora, save_motion_adapter
 
 FORMATS = ("auto", "lora", "comfyui", "motion_adapter", "full")
@@ -70,15 +71,6 @@ def trained_kind(module: nn.Module) -> str:
     return "motion_lora" if motions else "lora"
 
 
-def _denoiser_model(net: nn.Module) -> tuple[nn.Module, str]:
-    """(the diffusers model inside effvid's wrapper, the wrapper attribute holding it)."""
-    for attribute in ("model", "unet"):
-        model = getattr(net, attribute, None)
-        if model is not None and hasattr(model, "config"):
-            return model, attribute
-    raise ExportError(f"{type(net).__name__} is effvid's own network, not a diffusers model")
-
-
 def choose_format(requested: str, trained: str, family: Any) -> str:
     if requested not in FORMATS:
         raise ExportError(f"format={requested!r}: choose one of {', '.join(FORMATS)}")
@@ -109,9 +101,9 @@ def _check_fits(fmt: str, trained: str, module: nn.Module) -> None:
     if fmt == "lora" and family is not None and family.lora_pipeline is None:
         raise ExportError(
             f"format=lora: diffusers cannot load a LoRA into the {family.name} family's denoiser "
-            f"({type(_denoiser_model(module.net)[0]).__name__}); use format=full (the LoRA merged into a pipeline folder)"
+            f"({type(denoiser_model(module.net)).__name__}); use format=full (the LoRA merged into a pipeline folder)"
         )
-    if fmt == "comfyui" and (family.denoiser_component != "unet" or trained == "motion_lora"):
+    if fmt == "comfyui" and (family.name != "animatediff" or trained == "motion_lora"):
         raise ExportError(
             f"format=comfyui writes kohya-style keys for image U-Net LoRAs (the animatediff family's SD 1.x U-Net); "
             f"this run trained {trained} on the {family.name} family: use format=lora"
@@ -147,7 +139,7 @@ def _write_lora(module: nn.Module, out: Path) -> tuple[str, LoRA]:
 
         export_lora(module.net, out / LORA_FILE, lora)
         return "lit_models.peft.import_lora(net, DIR / 'pytorch_lora_weights.safetensors')", lora
-    model, attribute = _denoiser_model(module.net)
+    attribute = "unet" if family.denoiser_component == "unet" and hasattr(module.net, "unet") else "model"
     state = _lora_state(module.net, f"{attribute}.", lora.adapter_name)
     pipeline = getattr(diffusers, family.lora_pipeline)
     component = family.denoiser_component
@@ -182,43 +174,23 @@ def _write_motion_adapter(module: nn.Module, out: Path) -> str:
 
 
 def _write_full(module: nn.Module, out: Path) -> str:
-    """The family pipeline, built from the source folder's components and the trained
-    denoiser (LoRA merged, plain layer names), saved with `save_pretrained`."""
-    import diffusers
-
+    """The family pipeline with the trained denoiser (LoRA merged: plain layer names, which
+    diffusers loads instead of initialising anew), saved with `save_pretrained` and checked."""
     family = module.bundle_family
     net = merge_and_unload_lora(module.net) if lora_layers(module.net) else module.net
-    model, _ = _denoiser_model(net)
-    text = module.text_encoder
-    pipeline_name = module.bundle_pipeline
-    if type(model).__name__ == "UNetMotionModel":
-        pipeline_name = "AnimateDiffPipeline"
-    pipeline_class = getattr(diffusers, pipeline_name)
-    scheduler_config = dict(module.noise_scheduler.config).get("effvid_pipeline_scheduler")
-    if scheduler_config is None:
-        raise ExportError("the run's noise schedule does not record its pipeline scheduler")
-    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-    components = {
-        family.denoiser_component: model, "vae": module.autoencoder.vae, "text_encoder": text.text_encoder,
-        "tokenizer": text.tokenizer, "scheduler": scheduler,
-    }  # fmt: skip
-    import inspect
-
-    accepted = inspect.signature(pipeline_class.__init__).parameters
-    for name in accepted:
-        if name not in components and name != "self" and accepted[name].default is inspect.Parameter.empty:
-            components[name] = None  # safety_checker, feature_extractor, motion_adapter, ...
-    if "requires_safety_checker" in accepted:
-        components["requires_safety_checker"] = False
-    pipeline = pipeline_class(**components)
+    try:
+        pipeline = family_pipeline(module, net)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
     pipeline.save_pretrained(str(out))
-    loaded, info = type(model).from_pretrained(str(out), subfolder=family.denoiser_component, output_loading_info=True)
+    model = denoiser_model(net)
+    _, info = type(model).from_pretrained(str(out), subfolder=family.denoiser_component, output_loading_info=True)
     if info.get("missing_keys") or info.get("unexpected_keys"):
         raise ExportError(
             f"the saved {family.denoiser_component} does not load whole (missing {info['missing_keys'][:3]}, "
             f"unexpected {info['unexpected_keys'][:3]}); nothing was exported"
         )
-    return f"{pipeline_name}.from_pretrained(DIR)"
+    return f"{type(pipeline).__name__}.from_pretrained(DIR)"
 
 
 def export_run(ckpt: str | Path, out: str | Path, format: str = "auto", weights: str = "auto",

@@ -390,9 +390,12 @@ class ParameterEfficientFineTuning(TextToVideo):
     # --- what a checkpoint holds ---------------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Only the trained weights; the frozen base is found through `base`."""
-        full = super().state_dict(*args, **kwargs)
+        state = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        return type(full)((k, v) for k, v in full.items() if k[len(prefix) :] in self.trainable_names)
+        # In place: nested calls (EMA's AveragedModel) write into the caller's dict.
+        for key in [k for k in state if k.startswith(prefix) and k[len(prefix) :] not in self.trainable_names]:
+            del state[key]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False) -> Any:
         unexpected = sorted(set(state_dict) - set(super().state_dict()))

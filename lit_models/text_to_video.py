@@ -68,6 +68,26 @@ class TextToVideo(DiffusionModule):
         if check is not None:
             check(frames, height, width, where=f"data.num_frames={frames}, data.size={height}")
 
+    # --- what a checkpoint holds ----------------------------------------------------------
+    # Submodule prefixes rebuilt from `pretrained=` whenever the run is loaded (a bundle's frozen
+    # text encoder and VAE, gigabytes for the real families), so checkpoints leave them out.
+    external_parts: tuple[str, ...] = ()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        state = super().state_dict(*args, **kwargs)
+        if self.external_parts:
+            # In place: nested calls (EMA's AveragedModel) write into the caller's dict.
+            skip = tuple(kwargs.get("prefix", args[1] if len(args) > 1 else "") + p for p in self.external_parts)
+            for key in [k for k in state if k.startswith(skip)]:
+                del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False) -> Any:
+        if self.external_parts:
+            own = torch.nn.Module.state_dict(self)
+            state_dict = {**{k: v for k, v in own.items() if k.startswith(self.external_parts)}, **state_dict}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     # --- latent space (identity without an autoencoder) ----------------------------------
     def encode_data(self, videos: Tensor) -> Tensor:
         return videos if self.autoencoder is None else self.autoencoder.encode(videos)

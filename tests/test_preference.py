@@ -53,7 +53,23 @@ def test_v_prediction_errors_convert_to_noise_errors() -> None:
     eps_hat = sigma * x_t + alpha * v_hat  # the noise a v-prediction implies
     eps_err = (noise - eps_hat).pow(2).flatten(1).mean(1)
     v_err = (v - v_hat).pow(2).flatten(1).mean(1)
-    torch.testing.assert_close(v_err * epsilon_error_scale(scheduler.alphas_cumprod, t, "v_prediction"), eps_err)
+    torch.testing.assert_close(v_err * epsilon_error_scale(scheduler, t, "v_prediction"), eps_err)
+
+
+def test_flow_velocity_errors_convert_to_noise_errors() -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from lit_models.flow_matching import flow_noised
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    torch.manual_seed(0)
+    x0, noise, u_hat = torch.randn(3, 1, 2, 4, 4), torch.randn(3, 1, 2, 4, 4), torch.randn(3, 1, 2, 4, 4)
+    t = torch.tensor([5.0, 500.0, 950.0])
+    x_t, u = flow_noised(x0, noise, t, 1000)
+    eps_hat = x_t + (1 - t / 1000).view(-1, 1, 1, 1, 1) * u_hat  # the noise a velocity implies
+    eps_err = (noise - eps_hat).pow(2).flatten(1).mean(1)
+    u_err = (u - u_hat).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(u_err * epsilon_error_scale(scheduler, t, "flow_prediction"), eps_err)
 
 
 def dpo_module(net: torch.nn.Module, trainable: list, **kwargs) -> DiffusionDPO:

@@ -191,3 +191,162 @@ def test_merged_full_export_loads_whole_with_effvids_output(
     assert max_difference(effvid_output(module, x, t), merged_out) <= 1e-5
     assert max_difference(merged_out, base_out) > 1e-3
     assert isinstance(merged, getattr(diffusers, spec["pipeline"]))
+
+
+def test_trained_motion_modules_export_as_a_motion_adapter_animatediff_loads(
+    folders: dict[str, Path], digits_data_root: Path, tmp_path: Path
+) -> None:
+    from diffusers import MotionAdapter
+
+    ckpt = train(folders, digits_data_root, tmp_path / "runs", "sd", "motion", "experiment=animatediff_sd15",
+                 "paradigm.trainable.0.adapter.motion_num_attention_heads=2")  # fmt: skip
+    module = load_run_module(ckpt)
+    record = export_run(ckpt, tmp_path / "adapter")
+    assert (record.format, record.trained) == ("motion_adapter", "motion")
+    animatediff = pipeline("AnimateDiffPipeline", folders["sd"],
+                           motion_adapter=MotionAdapter.from_pretrained(str(tmp_path / "adapter")))
+    x, t, out = denoiser_call(animatediff, "sd")
+    assert max_difference(effvid_output(module, x, t), out) <= 1e-5
+    # New motion modules start at the image model (zeroed outputs) and training moved them.
+    image = pipeline("StableDiffusionPipeline", folders["sd"])
+    frames = x.permute(0, 2, 1, 3, 4).flatten(0, 1)  # (B*F, C, H, W)
+    context = image.encode_prompt([PROMPT] * frames.shape[0], "cpu", 1, False)[0]
+    with torch.no_grad():
+        per_frame = image.unet(frames, t, encoder_hidden_states=context).sample
+    assert max_difference(out.permute(0, 2, 1, 3, 4).flatten(0, 1), per_frame) > 1e-4
+
+
+def test_image_unet_lora_exports_with_kohya_comfyui_keys_diffusers_reads(
+    folders: dict[str, Path], digits_data_root: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    lora = "{_target_: lit_models.peft.LoRA, target_modules: [to_q, to_k, to_v, to_out.0], rank: 4, alpha: 2}"
+    ckpt = train(folders, digits_data_root, tmp_path / "runs", "sd", "image-lora", "experiment=finetune_pretrained",
+                 f"paradigm.trainable=[{lora}]", "bundle.motion_adapter=null")  # fmt: skip
+    module = load_run_module(ckpt)
+    export_run(ckpt, tmp_path / "comfy", format="comfyui")
+    keys = load_file(str(tmp_path / "comfy" / "lora_comfyui.safetensors"))
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert {float(v) for k, v in keys.items() if k.endswith(".alpha")} == {2.0}
+    image = pipeline("StableDiffusionPipeline", folders["sd"])
+    image.load_lora_weights(str(tmp_path / "comfy"), weight_name="lora_comfyui.safetensors")
+    seen: dict[str, Any] = {}
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        seen.setdefault("io", (args, kwargs, output[0] if isinstance(output, tuple) else output.sample))
+
+    handle = image.unet.register_forward_hook(hook, with_kwargs=True)
+    image(PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+          generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    (sample, t), _, out = seen["io"]
+    ours = effvid_output(module, sample[:, :, None], torch.as_tensor(t))[:, :, 0]  # one frame
+    assert max_difference(ours, out) <= 1e-5
+
+
+# --- bad input: one clear message naming the folder, component, key or number ----------------
+
+
+def test_bad_folders_are_named(folders: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "no_vae"
+    shutil.copytree(folders["cogvideox"], broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(BundleError, match=r"no_vae.*'vae'.*missing"):
+        load_bundle(broken)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(folders["wan"], foreign)
+    index = json.loads((foreign / "model_index.json").read_text())
+    (foreign / "model_index.json").write_text(json.dumps({**index, "text_encoder": ["my_pkg", "EvilEncoder"]}))
+    with pytest.raises(BundleError, match=r"text_encoder: component class EvilEncoder is not supported"):
+        load_bundle(foreign)
+    (foreign / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(BundleError, match=r"FluxPipeline.*not supported"):
+        load_bundle(foreign)
+    with pytest.raises(BundleError, match="neither model_index.json"):
+        load_bundle(tmp_path)
+
+
+def test_a_hub_id_loads_from_the_local_cache_and_an_uncached_one_is_named_offline(
+    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--effvid-tests--tiny-wan" / "snapshots" / ("a" * 40)
+    shutil.copytree(folders["wan"], snapshot)
+    (cache / "models--effvid-tests--tiny-wan" / "refs").mkdir()
+    (cache / "models--effvid-tests--tiny-wan" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bundle = load_bundle("effvid-tests/tiny-wan")
+    assert bundle.family.name == "wan" and Path(bundle.source).resolve() == snapshot.resolve()
+    with pytest.raises(BundleError, match=r"effvid-tests/not-there: not in the local Hugging Face cache .*HF_HUB_OFFLINE=1"):
+        load_bundle("effvid-tests/not-there")
+
+
+def test_paradigms_and_shapes_that_do_not_fit_the_family_are_refused(
+    folders: dict[str, Path], digits_data_root: Path, tmp_path: Path
+) -> None:
+    from lit_models.bundle import build_module
+
+    def build(*overrides: str) -> Any:
+        base = ["experiment=cogvideox_lora", f"pretrained={folders['cogvideox']}", "run_id=x", "data.size=32",
+                "data.num_frames=9"]  # fmt: skip
+        return build_module(compose_config([*base, *overrides]))
+
+    # (Hydra wraps what a constructor raises; effvid-train prints it as its one-line error)
+    with pytest.raises(Exception, match="motion modules go into a diffusers image U-Net.*not a CogVideoXBackbone"):
+        build("paradigm.trainable=[{_target_: lit_models.peft.MotionModule}]")
+    with pytest.raises(Exception, match=r"data.num_frames=8.*4k\+1 frames \(e.g. 5 or 9\)"):
+        build("data.num_frames=8")
+    with pytest.raises(Exception, match=r"24x24 px; this family needs multiples of 16"):
+        build("data.size=24")
+    with pytest.raises(ValueError, match="bundle.motion_adapter: the cogvideox family has no motion modules"):
+        build(f"bundle.motion_adapter={folders['motion_adapter']}")
+    with pytest.raises(BundleError, match="pretrained= gives the denoiser; drop the model= choice"):
+        build_module(compose_config([f"pretrained={folders['cogvideox']}", "run_id=x"]))
+
+
+def test_exports_that_do_not_fit_the_run_are_refused_and_leave_nothing(
+    folders: dict[str, Path], digits_data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = train(folders, digits_data_root, tmp_path / "runs", "modelscope", "ms")
+    with pytest.raises(ExportError, match="diffusers cannot load a LoRA into the modelscope family's denoiser"):
+        export_run(ckpt, tmp_path / "a", format="lora")
+    with pytest.raises(ExportError, match="format=motion_adapter: the run trained lora"):
+        export_run(ckpt, tmp_path / "b", format="motion_adapter")
+    with pytest.raises(ExportError, match="format=comfyui .* the modelscope family"):
+        export_run(ckpt, tmp_path / "c", format="comfyui")
+    assert not any(p.name in ("a", "b", "c") or ".tmp-" in p.name for p in tmp_path.iterdir())
+
+    import lit_models.export as export
+
+    def crash(*args: Any) -> None:
+        (args[1] / "half-written.bin").write_bytes(b"x")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "_write_full", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_run(ckpt, tmp_path / "d")  # auto: full, for a modelscope LoRA
+    assert not (tmp_path / "d").exists() and not any(".tmp-" in p.name for p in tmp_path.iterdir())
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="exists and is not empty"):
+        export_run(ckpt, tmp_path / "e")
+
+
+def test_fine_tune_checkpoints_hold_only_what_trained(folders: dict[str, Path], digits_data_root: Path, tmp_path: Path) -> None:
+    ckpt = train(folders, digits_data_root, tmp_path / "runs", "wan", "full", "experiment=finetune_pretrained")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert checkpoint["state_dict"] and all(k.startswith("net.model.") for k in checkpoint["state_dict"])
+    assert not any(k.startswith(("text_encoder.", "autoencoder.")) for k in checkpoint["state_dict"])
+    optimized = sum(len(group["params"]) for group in checkpoint["optimizer_states"][0]["param_groups"])
+    assert optimized == len(checkpoint["state_dict"])  # the VAE and text encoder never entered the optimizer
+    record = export_run(ckpt, tmp_path / "full")
+    assert (record.format, record.trained, record.weights) == ("full", "full", "raw")
