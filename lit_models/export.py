@@ -75,11 +75,10 @@ def choose_format(requested: str, trained: str, family: Any) -> str:
     if requested not in FORMATS:
         raise ExportError(f"format={requested!r}: choose one of {', '.join(FORMATS)}")
     if trained not in ("lora", "motion_lora", "motion", "motion+lora", "full"):
-        if family is None or requested not in ("auto", "full"):
-            raise ExportError(
-                f"this run trained {trained} modules, which no diffusers artifact holds; "
-                + ("format=full merges nothing for them either" if family is None else "use format=full?")
-            )
+        raise ExportError(
+            f"this run trained {trained} modules, which no diffusers artifact here holds (LoRA, motion modules or "
+            "a whole denoiser); its checkpoint is the artifact: effvid-sample run=RUN_ID"
+        )
     if requested != "auto":
         return requested
     if trained in ("motion", "motion+lora"):

@@ -200,37 +200,75 @@ class TrainOnly:
 
 
 class SimDAAdapters:
-    """SimDA's adapters on a `FactorizedUNet`: spatial ones in the spatial transformers (after
-    self-attention, beside the feed-forward) and a temporal one after every ResBlock.
+    """SimDA's adapters: spatial ones in the spatial transformers (after self-attention, beside
+    the feed-forward) and a temporal one after every ResBlock, zero-initialised (step 0 is the
+    base). On effvid's `FactorizedUNet`, or a bundle's diffusers denoiser: every transformer block
+    with `attn1` and a feed-forward outside the temporal layers gets the spatial pair, every
+    `ResnetBlock2D` of a U-Net family the temporal one (transformer families have no ResBlocks).
 
     Args:
         spatial_ratio: bottleneck width of the spatial adapters (SimDA: 0.25).
         temporal_ratio: bottleneck width of the temporal adapters (C -> C/2).
-        spatial, temporal: which kinds to insert.
+        spatial: insert the spatial adapters.
+        temporal: insert the temporal adapters; None: wherever the net has ResBlocks.
     """
 
-    def __init__(self, spatial_ratio: float = 0.25, temporal_ratio: float = 0.5, spatial: bool = True, temporal: bool = True) -> None:
+    TEMPORAL_BLOCKS = ("motion_modules", "temp_attentions", "transformer_in")  # diffusers' temporal layers
+
+    def __init__(self, spatial_ratio: float = 0.25, temporal_ratio: float = 0.5, spatial: bool = True,
+                 temporal: bool | None = None) -> None:
         self.spatial_ratio, self.temporal_ratio = spatial_ratio, temporal_ratio
         self.spatial, self.temporal = spatial, temporal
 
     def __call__(self, net: nn.Module) -> nn.Module:
-        if not isinstance(net, FactorizedUNet):
-            raise TypeError(f"SimDAAdapters: needs a FactorizedUNet, got {type(net).__name__}")
         frames = FrameCount()
 
         def count_frames(module: nn.Module, args: tuple) -> None:
             frames.value = args[0].shape[2]  # x: (B, C, F, H, W)
 
         net.register_forward_pre_hook(count_frames)
-        stages = [*net.down_stages, net.mid_stage, *net.up_stages]
-        for stage in stages:
+        if isinstance(net, FactorizedUNet):
+            return self._factorized(net, frames)
+        from lit_models.diffusers_pipelines import denoiser_model
+
+        try:
+            model = denoiser_model(net)
+        except ValueError:
+            raise TypeError(f"SimDAAdapters: needs a FactorizedUNet or a diffusers denoiser, got {type(net).__name__}") from None
+        return self._diffusers(net, model, frames)
+
+    def _factorized(self, net: FactorizedUNet, frames: FrameCount) -> nn.Module:
+        for stage in [*net.down_stages, net.mid_stage, *net.up_stages]:
             channels = stage.resblock.conv2.out_channels
-            if self.temporal:
+            if self.temporal is not False:
                 stage.resblock = ResBlockWithTemporalAdapter(stage.resblock, TemporalAdapter(channels, self.temporal_ratio), frames)
             if self.spatial and stage.transformer is not None:
                 block = stage.transformer
                 block.self_attention = AfterAdapter(block.self_attention, BottleneckAdapter(channels, self.spatial_ratio))
                 block.feed_forward = ParallelAdapter(block.feed_forward, BottleneckAdapter(channels, self.spatial_ratio))
+        return net
+
+    def _diffusers(self, net: nn.Module, model: nn.Module, frames: FrameCount) -> nn.Module:
+        modules = list(model.named_modules())
+        resblocks = [(n, m) for n, m in modules if type(m).__name__ == "ResnetBlock2D"]
+        if self.temporal and not resblocks:
+            raise ValueError(
+                f"SimDAAdapters: {type(model).__name__} has no ResBlocks for temporal adapters (transformer "
+                "families mix time in attention): leave temporal unset or false"
+            )
+        blocks = [(n, m) for n, m in modules if hasattr(m, "attn1") and (hasattr(m, "ff") or hasattr(m, "ffn"))
+                  and not any(part in n for part in self.TEMPORAL_BLOCKS)]  # fmt: skip
+        for name, block in blocks if self.spatial else ():
+            width = block.attn1.to_out[0].out_features
+            block.attn1 = AfterAdapter(block.attn1, BottleneckAdapter(width, self.spatial_ratio))
+            feed_forward = "ff" if hasattr(block, "ff") else "ffn"
+            setattr(block, feed_forward, ParallelAdapter(getattr(block, feed_forward), BottleneckAdapter(width, self.spatial_ratio)))
+        for name, resblock in resblocks if self.temporal is not False else ():
+            parent, _, child = name.rpartition(".")
+            wrapped = ResBlockWithTemporalAdapter(resblock, TemporalAdapter(resblock.conv2.out_channels, self.temporal_ratio), frames)
+            setattr(model.get_submodule(parent), child, wrapped)
+        if not blocks and self.spatial:
+            raise ValueError(f"SimDAAdapters: {type(model).__name__} has no transformer blocks for spatial adapters")
         return net
 
 
@@ -316,13 +354,24 @@ def save_motion_adapter(net: nn.Module, path: str | Path) -> Path:
 
 
 class ControlBranch:
-    """A ControlNet-style branch (`nets/control.py`) on a `FactorizedUNet`, trained alone."""
+    """A ControlNet-style branch trained alone beside the frozen base: effvid's own on a
+    `FactorizedUNet` (`nets/control.py`), diffusers' `ControlNetModel.from_unet` on an SD-family
+    U-Net of a bundle (`nets/diffusers_control.py`)."""
 
     def __init__(self, control_channels: int = 1, hint_channels: int = 16) -> None:
         self.control_channels, self.hint_channels = control_channels, hint_channels
 
     def __call__(self, net: nn.Module) -> nn.Module:
-        return ControlledUNet(net, self.control_channels, self.hint_channels)
+        if isinstance(net, FactorizedUNet):
+            return ControlledUNet(net, self.control_channels, self.hint_channels)
+        if _is_diffusers_backbone(net):
+            from lit_models.nets.diffusers_control import DiffusersControlledUNet
+
+            return DiffusersControlledUNet(net, self.control_channels)
+        raise TypeError(
+            f"ControlBranch: a control branch copies a U-Net's encoder (effvid's, or the animatediff family's); "
+            f"{type(net).__name__} has none"
+        )
 
 
 CONTROL_SIGNALS = {"sobel_edges": sobel_edges}

@@ -350,3 +350,43 @@ def test_fine_tune_checkpoints_hold_only_what_trained(folders: dict[str, Path], 
     assert optimized == len(checkpoint["state_dict"])  # the VAE and text encoder never entered the optimizer
     record = export_run(ckpt, tmp_path / "full")
     assert (record.format, record.trained, record.weights) == ("full", "full", "raw")
+
+
+@pytest.mark.parametrize(
+    "family, injector, trained",
+    [
+        ("cogvideox", "{_target_: lit_models.peft.SimDAAdapters}", "adapter"),
+        ("modelscope", "{_target_: lit_models.peft.SimDAAdapters}", "adapter"),
+        ("sd", "{_target_: lit_models.peft.ControlBranch}", "controlnet"),
+    ],
+)
+def test_adapters_and_control_branch_start_at_the_bundle_and_train_alone(
+    folders: dict[str, Path], tmp_path: Path, family: str, injector: str, trained: str
+) -> None:
+    from lit_models.bundle import build_module
+    from lit_models.nets.control import sobel_edges
+
+    frames = FAMILIES[family]["frames"]
+    overrides = ["experiment=finetune_pretrained", f"pretrained={folders[family]}", "run_id=x", "data.size=32",
+                 f"data.num_frames={frames}", f"paradigm.trainable=[{injector}]", "paradigm.lr_scheduler.num_warmup_steps=0"]  # fmt: skip
+    if family == "sd":
+        overrides += [f"bundle.motion_adapter={folders['motion_adapter']}", "paradigm.control_signal=sobel_edges"]
+    torch.manual_seed(0)
+    module = build_module(compose_config(overrides))
+    base = load_bundle(folders[family], **({"motion_adapter": str(folders["motion_adapter"])} if family == "sd" else {}))
+    video = torch.rand(2, 3, frames, 32, 32) * 2 - 1
+    batch = {"video": video, "caption": [PROMPT, "a handwritten 7 moving left"]}
+    x = module.encode_data(video)
+    t = torch.tensor([100, 700])
+    conditioning = module.condition(batch, drop=False)
+    with torch.no_grad():
+        plain = {k: v for k, v in conditioning.items() if k != "control"}
+        assert torch.equal(module.net(x, t, **conditioning), base.net(x, t, **plain))  # zero-initialised
+    before = {k: v.clone() for k, v in torch.nn.Module.state_dict(module).items()}
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    module.diffusion_loss(x, conditioning).mean().backward()
+    optimizer.step()
+    changed = {k for k, v in torch.nn.Module.state_dict(module).items() if not torch.equal(v, before[k])}
+    assert changed and all(trained in k for k in changed)
+    assert module.trainable_names and all(trained in k for k in module.trainable_names)
