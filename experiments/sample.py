@@ -65,7 +65,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     if cfg.pipeline == "cascade":
         stages.update(run_cascade(cfg, prompts, videos))
         videos = list(stages.values())[-1]
-    out = Path(cfg.out) if cfg.out else run_dir / "samples" / dt.datetime.now().strftime("sample-%Y%m%d-%H%M%S")
+    out = Path(cfg.out) if cfg.out else new_sample_dir(run_dir)
     paths = save_samples(videos, prompts, out, fps=model.sample_fps * videos.shape[2] / stages["base"].shape[2])
     # The digit metric reads frames at the base resolution: a spatially upsampled video is scored resized back.
     scores = model.score(prompts, resize_frames(videos, tuple(stages["base"].shape[-2:])))
@@ -77,6 +77,16 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         print(f"  {name:24s} {value:.4f}")
     print(f"  grid   {paths['grid']}\n  videos {out}/*.mp4")
     return {"videos": videos, "paths": paths, "scores": scores, "stages": stages}
+
+
+def new_sample_dir(run_dir: Path) -> Path:
+    """`RUN/samples/sample-TIME`, with a suffix when a call in the same second made one."""
+    base = run_dir / "samples" / dt.datetime.now().strftime("sample-%Y%m%d-%H%M%S")
+    out, count = base, 1
+    while out.exists():
+        count += 1
+        out = base.with_name(f"{base.name}-{count}")
+    return out
 
 
 def diffusers_backend(model: Any, cfg: DictConfig, prompts: list[str], steps: int, guidance: float) -> torch.Tensor:

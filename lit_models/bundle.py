@@ -48,8 +48,9 @@ class ModelBundle:
     text_encoder: nn.Module | None
     autoencoder: nn.Module | None
     source: str
-    family: Family | None = None  # None for an effvid run
+    family: Family | None = None  # the diffusers family (an effvid run on a folder keeps its folder's)
     pipeline_class: str | None = None
+    from_run: bool = False  # an effvid run: its trained weights (LoRA merged) are the base
 
     def components(self) -> dict[str, Any]:
         return {"net": self.net, "text_encoder": self.text_encoder, "autoencoder": self.autoencoder,
@@ -334,9 +335,10 @@ def load_run_bundle(ckpt: Path) -> ModelBundle:
             part.requires_grad_(False)
             part.trainable = False
     net.requires_grad_(True)
-    source_family = getattr(module, "bundle_family", None)
     return ModelBundle(net=net, noise_scheduler=module.noise_scheduler, text_encoder=module.text_encoder,
-                       autoencoder=getattr(module, "autoencoder", None), source=str(ckpt), family=source_family)  # fmt: skip
+                       autoencoder=getattr(module, "autoencoder", None), source=str(ckpt),
+                       family=getattr(module, "bundle_family", None), pipeline_class=getattr(module, "bundle_pipeline", None),
+                       from_run=True)  # fmt: skip
 
 
 def load_bundle(ref: str | Path, runs_dir: str | Path | None = None, **options: Any) -> ModelBundle:
@@ -376,6 +378,7 @@ def build_module(cfg: DictConfig) -> nn.Module:
             raise BundleError(f"paradigm {cfg.paradigm._target_} cannot start from a pretrained bundle: {error}") from None
         module.bundle_family = bundle.family
         module.bundle_pipeline = bundle.pipeline_class
+        module.bundle_from_run = bundle.from_run
         if hasattr(module, "external_parts"):  # rebuilt from pretrained= at every load: not checkpointed
             module.external_parts = ("text_encoder.", "autoencoder.")
         return module

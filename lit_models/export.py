@@ -88,6 +88,14 @@ def choose_format(requested: str, trained: str, family: Any) -> str:
     return "full"
 
 
+def _default_format(fmt: str, module: nn.Module) -> str:
+    """`auto` on a run that started from another fine-tuned run: its LoRA only applies on top
+    of that run's merged weights, so the whole pipeline is the artifact."""
+    if fmt == "lora" and getattr(module, "bundle_family", None) is not None and getattr(module, "bundle_from_run", False):
+        return "full"
+    return fmt
+
+
 def _check_fits(fmt: str, trained: str, module: nn.Module) -> None:
     family = getattr(module, "bundle_family", None)
     if fmt in ("lora", "comfyui") and trained not in ("lora", "motion_lora"):
@@ -96,6 +104,11 @@ def _check_fits(fmt: str, trained: str, module: nn.Module) -> None:
         raise ExportError(
             f"format={fmt}: this run's model is effvid's own network, which has no diffusers pipeline; "
             "its checkpoint is the artifact (format=lora writes a LoRA as safetensors)"
+        )
+    if fmt in ("lora", "comfyui") and family is not None and getattr(module, "bundle_from_run", False):
+        raise ExportError(
+            f"format={fmt}: this LoRA was trained on another effvid run (pretrained=...), whose own training is "
+            "merged into its base, so it does not apply to the original folder; use format=full"
         )
     if fmt == "lora" and family is not None and family.lora_pipeline is None:
         raise ExportError(
@@ -205,6 +218,8 @@ def export_run(ckpt: str | Path, out: str | Path, format: str = "auto", weights:
     family = getattr(module, "bundle_family", None)
     trained = trained_kind(module)
     fmt = choose_format(format, trained, family)
+    if format == "auto":
+        fmt = _default_format(fmt, module)
     _check_fits(fmt, trained, module)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

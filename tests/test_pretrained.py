@@ -18,17 +18,13 @@ from experiments.train import run_training
 from lit_models.bundle import BundleError, load_bundle, load_run_module
 from lit_models.export import ExportError, export_run
 from tests.conftest import compose_config
-from tests.tiny_pipelines import FOLDER_WRITERS, write_motion_adapter
 
 PROMPT = "a handwritten 3 moving up"
 
 
 @pytest.fixture(scope="session")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pipelines")
-    out = {name: write(root / name) for name, write in FOLDER_WRITERS.items()}
-    out["motion_adapter"] = write_motion_adapter(root / "motion_adapter")
-    return out
+def folders(tiny_pipeline_folders: dict[str, Path]) -> dict[str, Path]:
+    return tiny_pipeline_folders
 
 
 # family -> experiment, clip frames, the pipeline call, how the pipeline lays out the denoiser's input
@@ -62,6 +58,35 @@ def train(folders: dict[str, Path], data_root: Path, runs_dir: Path, family: str
     torch.manual_seed(0)
     run_training(compose_config([*overrides, *extra]))
     return runs_dir / run_id / "checkpoints" / "last.ckpt"
+
+
+LORA_4_8 = ("paradigm.trainable.0.rank=4", "paradigm.trainable.0.alpha=8")  # rank != alpha: scale 2
+# run name -> (family, overrides): each trained once per module, shared by the tests that export it
+RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cogvideox": ("cogvideox", LORA_4_8),
+    "ltx": ("ltx", LORA_4_8),
+    "wan": ("wan", LORA_4_8),
+    "modelscope": ("modelscope", LORA_4_8),
+    "motionlora": ("sd", ("paradigm.trainable.1.rank=4", "paradigm.trainable.1.alpha=8")),  # LoRA after MotionModule
+    "motion": ("sd", ("experiment=animatediff_sd15", "paradigm.trainable.0.adapter.motion_num_attention_heads=2")),
+    "image-lora": ("sd", ("experiment=finetune_pretrained", "bundle.motion_adapter=null", "paradigm.trainable=[{_target_: "
+                          "lit_models.peft.LoRA, target_modules: [to_q, to_k, to_v, to_out.0], rank: 4, alpha: 2}]")),
+    "wan-full": ("wan", ("experiment=finetune_pretrained",)),
+}
+
+
+@pytest.fixture(scope="module")
+def trained(folders: dict[str, Path], digits_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`trained(name)`: the last checkpoint of run `name` of `RUNS`, trained on first use."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            family, overrides = RUNS[name]
+            cache[name] = train(folders, digits_data_root, tmp_path_factory.mktemp("runs"), family, name, *overrides)
+        return cache[name]
+
+    return get
 
 
 def pipeline(name: str, folder: Path, **components: Any) -> Any:
@@ -133,21 +158,21 @@ def test_bundle_text_features_equal_the_pipelines_encode_prompt(folders: dict[st
         theirs, mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=length)[0], None
     assert torch.equal(ours.tokens, theirs)
     assert (ours.mask is None) == (mask is None) and (mask is None or torch.equal(ours.mask, mask.bool()))
-    if family in ("sd", "modelscope"):  # CLIP pads with <|endoftext|> (49407), not open_clip's 0
-        assert bundle.text_encoder.tokenizer.pad_token_id == 49407
+    if family in ("sd", "modelscope"):  # CLIP pads with <|endoftext|>, not open_clip's 0
+        tokenizer = bundle.text_encoder.tokenizer
+        assert tokenizer.pad_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>") > 0
 
 
 # --- round trips: trained in effvid, loaded by the family's pipeline ----------------------
 
 
-@pytest.mark.parametrize("family", ["cogvideox", "ltx", "wan", "sd"])
+@pytest.mark.parametrize("run", ["cogvideox", "ltx", "wan", "motionlora"])
 def test_exported_lora_loads_into_the_pipeline_with_effvids_output(
-    folders: dict[str, Path], digits_data_root: Path, tmp_path: Path, family: str
+    folders: dict[str, Path], trained: Callable[[str], Path], tmp_path: Path, run: str
 ) -> None:
+    family = RUNS[run][0]
     spec = FAMILIES[family]
-    # rank 4 != alpha 8: diffusers must scale by alpha / rank = 2, as effvid trained it
-    lora = "paradigm.trainable.1" if family == "sd" else "paradigm.trainable.0"  # MotionLoRA: after MotionModule
-    ckpt = train(folders, digits_data_root, tmp_path / "runs", family, "lora", f"{lora}.rank=4", f"{lora}.alpha=8")
+    ckpt = trained(run)  # rank 4 != alpha 8: diffusers must scale by alpha / rank = 2, as effvid trained it
     module = load_run_module(ckpt)
     record = export_run(ckpt, tmp_path / "lora")
     assert (record.format, record.weights, record.lora_rank, record.lora_alpha) == ("lora", "raw", 4, 8.0)
@@ -171,11 +196,10 @@ def _motion_adapter(folders: dict[str, Path]) -> Any:
 
 @pytest.mark.parametrize("family", ["modelscope", "cogvideox", "ltx", "wan"])
 def test_merged_full_export_loads_whole_with_effvids_output(
-    folders: dict[str, Path], digits_data_root: Path, tmp_path: Path, family: str
+    folders: dict[str, Path], trained: Callable[[str], Path], tmp_path: Path, family: str
 ) -> None:
     spec = FAMILIES[family]
-    ckpt = train(folders, digits_data_root, tmp_path / "runs", family, "full",
-                 "paradigm.trainable.0.rank=4", "paradigm.trainable.0.alpha=2")  # fmt: skip
+    ckpt = trained(family)
     module = load_run_module(ckpt)
     record = export_run(ckpt, tmp_path / "merged", format="full")
     assert record.format == "full" and json.loads((tmp_path / "merged" / "effvid_export.json").read_text())["weights"] == "raw"
@@ -194,12 +218,11 @@ def test_merged_full_export_loads_whole_with_effvids_output(
 
 
 def test_trained_motion_modules_export_as_a_motion_adapter_animatediff_loads(
-    folders: dict[str, Path], digits_data_root: Path, tmp_path: Path
+    folders: dict[str, Path], trained: Callable[[str], Path], tmp_path: Path
 ) -> None:
     from diffusers import MotionAdapter
 
-    ckpt = train(folders, digits_data_root, tmp_path / "runs", "sd", "motion", "experiment=animatediff_sd15",
-                 "paradigm.trainable.0.adapter.motion_num_attention_heads=2")  # fmt: skip
+    ckpt = trained("motion")
     module = load_run_module(ckpt)
     record = export_run(ckpt, tmp_path / "adapter")
     assert (record.format, record.trained) == ("motion_adapter", "motion")
@@ -217,13 +240,11 @@ def test_trained_motion_modules_export_as_a_motion_adapter_animatediff_loads(
 
 
 def test_image_unet_lora_exports_with_kohya_comfyui_keys_diffusers_reads(
-    folders: dict[str, Path], digits_data_root: Path, tmp_path: Path
+    folders: dict[str, Path], trained: Callable[[str], Path], tmp_path: Path
 ) -> None:
     from safetensors.torch import load_file
 
-    lora = "{_target_: lit_models.peft.LoRA, target_modules: [to_q, to_k, to_v, to_out.0], rank: 4, alpha: 2}"
-    ckpt = train(folders, digits_data_root, tmp_path / "runs", "sd", "image-lora", "experiment=finetune_pretrained",
-                 f"paradigm.trainable=[{lora}]", "bundle.motion_adapter=null")  # fmt: skip
+    ckpt = trained("image-lora")
     module = load_run_module(ckpt)
     export_run(ckpt, tmp_path / "comfy", format="comfyui")
     keys = load_file(str(tmp_path / "comfy" / "lora_comfyui.safetensors"))
@@ -314,9 +335,9 @@ def test_paradigms_and_shapes_that_do_not_fit_the_family_are_refused(
 
 
 def test_exports_that_do_not_fit_the_run_are_refused_and_leave_nothing(
-    folders: dict[str, Path], digits_data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ckpt = train(folders, digits_data_root, tmp_path / "runs", "modelscope", "ms")
+    ckpt = trained("modelscope")
     with pytest.raises(ExportError, match="diffusers cannot load a LoRA into the modelscope family's denoiser"):
         export_run(ckpt, tmp_path / "a", format="lora")
     with pytest.raises(ExportError, match="format=motion_adapter: the run trained lora"):
@@ -341,8 +362,8 @@ def test_exports_that_do_not_fit_the_run_are_refused_and_leave_nothing(
         export_run(ckpt, tmp_path / "e")
 
 
-def test_fine_tune_checkpoints_hold_only_what_trained(folders: dict[str, Path], digits_data_root: Path, tmp_path: Path) -> None:
-    ckpt = train(folders, digits_data_root, tmp_path / "runs", "wan", "full", "experiment=finetune_pretrained")
+def test_fine_tune_checkpoints_hold_only_what_trained(trained: Callable[[str], Path], tmp_path: Path) -> None:
+    ckpt = trained("wan-full")
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert checkpoint["state_dict"] and all(k.startswith("net.model.") for k in checkpoint["state_dict"])
     assert not any(k.startswith(("text_encoder.", "autoencoder.")) for k in checkpoint["state_dict"])

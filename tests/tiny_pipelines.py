@@ -2,8 +2,9 @@
 the families' own `save_pretrained` so they have the layout of the published releases
 (`model_index.json`, one subfolder per component) at a few kilobytes per component.
 
-Tokenizers are real ones built offline: a CLIP BPE tokenizer from open_clip's bundled vocabulary,
-and a T5 Unigram tokenizer over a small vocabulary that covers the digit captions.
+Tokenizers are real ones built offline: a CLIP BPE tokenizer from open_clip's bundled vocabulary
+(its first merges, so the text encoder's embedding table stays small), and a T5 Unigram
+tokenizer over a small vocabulary that covers the digit captions.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ T5_WORDS = (
 ).split()
 
 
+CLIP_MERGES = 2000  # of open_clip's 48,894 BPE merges: a real CLIP tokenizer with a 2,514-token vocabulary
+
+
 def clip_tokenizer(max_length: int = 77):
-    """`CLIPTokenizer` over open_clip's BPE vocabulary (the one SD 1.x ships), offline."""
+    """`CLIPTokenizer` over the first `CLIP_MERGES` merges of open_clip's BPE vocabulary (the
+    one SD 1.x ships), offline; words past those merges split into more, shorter tokens."""
     import gzip
     import tempfile
 
@@ -28,17 +33,17 @@ def clip_tokenizer(max_length: int = 77):
     from transformers import CLIPTokenizer
 
     simple = oct.SimpleTokenizer()
+    kept = sorted(simple.encoder.items(), key=lambda item: item[1])[: 512 + CLIP_MERGES]  # bytes, byte</w>, merges
+    vocab = dict(kept)
+    # transformers' CLIP vocabulary (the file SD folders ship) names the special tokens like this.
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
     with tempfile.TemporaryDirectory() as tmp:
-        vocab = Path(tmp) / "vocab.json"
-        merges = Path(tmp) / "merges.txt"
-        # open_clip names the special tokens <start_of_text>/<end_of_text>; transformers' CLIP vocabulary
-        # (the file SD folders ship) names the same ids <|startoftext|>/<|endoftext|>.
-        names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-        vocab.write_text(json.dumps({names.get(k, k): v for k, v in simple.encoder.items()}), encoding="utf-8")
+        vocab_file, merges_file = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
         with gzip.open(oct.default_bpe(), "rt", encoding="utf-8") as handle:
-            lines = handle.read().split("\n")[1 : 49152 - 256 - 2 + 1]
-        merges.write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
-        return CLIPTokenizer(str(vocab), str(merges), pad_token="<|endoftext|>", model_max_length=max_length)
+            merges = handle.read().split("\n")[1 : 1 + CLIP_MERGES]
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token="<|endoftext|>", model_max_length=max_length)
 
 
 def t5_tokenizer(max_length: int = 32):
@@ -53,10 +58,11 @@ def t5_tokenizer(max_length: int = 32):
 def clip_text_encoder(hidden: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    vocab = 512 + CLIP_MERGES + 2
     config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
     )  # fmt: skip
     return CLIPTextModel(config).eval()
 
