@@ -129,6 +129,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             cfg.run_id = f"{cfg.run_id}-{HydraConfig.get().job.num}"
     run_dir = Path(cfg.runs_dir) / cfg.run_id
     resuming = bool(cfg.get("resume"))
+    pin_local_paths(cfg)
     try:
         datamodule, model, trainer = build(cfg, run_dir)
         datamodule.setup("fit")  # bad shard paths fail here, before the run folder is kept
@@ -167,6 +168,16 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     finish_wandb()
     print_summary(cfg.run_id, run_dir, trainer.global_step, metrics)
     return metrics
+
+
+def pin_local_paths(cfg: DictConfig) -> None:
+    """A `pretrained=` folder (or motion adapter) given relative to the working folder is stored
+    absolute in the run's config, so resuming or sampling from elsewhere finds the same bundle."""
+    with open_dict(cfg):
+        for key in ("pretrained", "bundle.motion_adapter"):
+            value = OmegaConf.select(cfg, key)
+            if isinstance(value, str) and value and Path(value).exists() and not Path(value).is_absolute():
+                OmegaConf.update(cfg, key, str(Path(value).resolve()))
 
 
 def finish_wandb() -> None:
