@@ -69,6 +69,7 @@ def measure(family: str, frames: int, height: int, width: int, batch: int, steps
     from torch import nn
 
     import lit_models.nets.diffusers_video as wrappers
+    from lit_models.bundle import training_scheduler
     from lit_models.peft import LoRA, ParameterEfficientFineTuning, count_parameters
 
     spec = FAMILIES[family]
@@ -78,16 +79,21 @@ def measure(family: str, frames: int, height: int, width: int, batch: int, steps
     wrapper = getattr(wrappers, spec["wrapper"])
     model_class = wrapper.model_class
     with torch.device(device):
-        model = model_class.from_config(spec["config"]).to(torch_dtype)
+        model = model_class.from_config(spec["config"])
+    if torch_dtype != torch.float32:  # as from_pretrained(torch_dtype=...) does: some modules stay float32
+        keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+        for name, part in model.named_modules():
+            if not list(part.children()) and not any(k in name.split(".") for k in keep):
+                part.to(torch_dtype)
     if checkpointing:
         model.enable_gradient_checkpointing()
     extra = {"vae_temporal_compression": spec["vae_time"], "vae_spatial_compression": spec["vae_space"]} if family == "ltx_video" else {}
     net = wrapper(model=model, **extra)
     scheduler_name, scheduler_config = spec["schedule"]
-    scheduler = getattr(diffusers, scheduler_name)(**scheduler_config)
+    scheduler = training_scheduler(getattr(diffusers, scheduler_name)(**scheduler_config))
     module = ParameterEfficientFineTuning(
         net=net, text_encoder=nn.Module(), trainable=[LoRA(**LORA)], base=spec["release"], noise_scheduler=scheduler,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4), min_snr_gamma=None, cfg_dropout=0.0,
+        sampler="pipeline", optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4), min_snr_gamma=None, cfg_dropout=0.0,
         video_shape=(3, frames, height, width),
     ).to(device)
     trainable, total = count_parameters(module)

@@ -147,15 +147,10 @@ def test_sobel_edges_mark_the_digit_outline() -> None:
 
 
 def tiny_diffusers_unet(tmp_path):
-    from diffusers import UNet2DConditionModel
+    from tests.tiny_pipelines import sd_unet
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
-    )  # fmt: skip
-    unet.save_pretrained(tmp_path / "unet")
+    sd_unet(in_channels=1, cross_attention_dim=16, channels=(8, 16)).save_pretrained(tmp_path / "unet")
     return tmp_path
 
 

@@ -87,14 +87,21 @@ def frame_vae(in_channels: int = 3, latent_channels: int = 4):
     )  # fmt: skip
 
 
-def sd_unet(cross_attention_dim: int = 32):
+def unet_kwargs(kind: str = "2D", in_channels: int = 4, cross_attention_dim: int = 32,
+                channels: tuple[int, int] = (16, 32)) -> dict:
+    """A two-level SD-style U-Net (`kind` 2D or 3D): cross-attention at the full latent size."""
+    return dict(
+        sample_size=8, in_channels=in_channels, out_channels=in_channels, block_out_channels=channels,
+        layers_per_block=1, down_block_types=(f"CrossAttnDownBlock{kind}", f"DownBlock{kind}"),
+        up_block_types=(f"UpBlock{kind}", f"CrossAttnUpBlock{kind}"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4 if channels[0] >= 16 else 2, norm_num_groups=8 if channels[0] >= 16 else 4,
+    )  # fmt: skip
+
+
+def sd_unet(**kwargs: object):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8,
-    )  # fmt: skip
+    return UNet2DConditionModel(**unet_kwargs("2D", **kwargs))
 
 
 def sd_scheduler():
@@ -137,11 +144,7 @@ def write_modelscope_folder(path: Path) -> Path:
     from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet3DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
-    )  # fmt: skip
+    unet = UNet3DConditionModel(**unet_kwargs("3D"))
     pipe = TextToVideoSDPipeline(
         vae=frame_vae(), text_encoder=clip_text_encoder(), tokenizer=clip_tokenizer(), unet=unet, scheduler=sd_scheduler()
     )
