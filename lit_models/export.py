@@ -71,7 +71,9 @@ def trained_kind(module: nn.Module) -> str:
     return "motion_lora" if motions else "lora"
 
 
-def choose_format(requested: str, trained: str, family: Any) -> str:
+def choose_format(requested: str, trained: str, module: nn.Module) -> str:
+    """The format `auto` means for what the run trained (see the module docstring)."""
+    family = getattr(module, "bundle_family", None)
     if requested not in FORMATS:
         raise ExportError(f"format={requested!r}: choose one of {', '.join(FORMATS)}")
     if trained not in ("lora", "motion_lora", "motion", "motion+lora", "full"):
@@ -83,17 +85,12 @@ def choose_format(requested: str, trained: str, family: Any) -> str:
         return requested
     if trained in ("motion", "motion+lora"):
         return "motion_adapter"
-    if trained in ("lora", "motion_lora"):
-        return "lora" if family is None or family.lora_pipeline else "full"
+    if trained in ("lora", "motion_lora") and family is None:
+        return "lora"
+    # A LoRA trained on another fine-tuned run applies only on top of that run's merged weights.
+    if trained in ("lora", "motion_lora") and family.lora_pipeline and not getattr(module, "bundle_from_run", False):
+        return "lora"
     return "full"
-
-
-def _default_format(fmt: str, module: nn.Module) -> str:
-    """`auto` on a run that started from another fine-tuned run: its LoRA only applies on top
-    of that run's merged weights, so the whole pipeline is the artifact."""
-    if fmt == "lora" and getattr(module, "bundle_family", None) is not None and getattr(module, "bundle_from_run", False):
-        return "full"
-    return fmt
 
 
 def _check_fits(fmt: str, trained: str, module: nn.Module) -> None:
@@ -217,9 +214,7 @@ def export_run(ckpt: str | Path, out: str | Path, format: str = "auto", weights:
         raise ExportError(str(error)) from None
     family = getattr(module, "bundle_family", None)
     trained = trained_kind(module)
-    fmt = choose_format(format, trained, family)
-    if format == "auto":
-        fmt = _default_format(fmt, module)
+    fmt = choose_format(format, trained, module)
     _check_fits(fmt, trained, module)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

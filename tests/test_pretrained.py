@@ -194,24 +194,26 @@ def _motion_adapter(folders: dict[str, Path]) -> Any:
     return MotionAdapter.from_pretrained(str(folders["motion_adapter"]))
 
 
-@pytest.mark.parametrize("family", ["modelscope", "cogvideox", "ltx", "wan"])
+@pytest.mark.parametrize("run", ["modelscope", "cogvideox", "ltx", "wan", "motionlora"])
 def test_merged_full_export_loads_whole_with_effvids_output(
-    folders: dict[str, Path], trained: Callable[[str], Path], tmp_path: Path, family: str
+    folders: dict[str, Path], trained: Callable[[str], Path], tmp_path: Path, run: str
 ) -> None:
+    family = RUNS[run][0]
     spec = FAMILIES[family]
-    ckpt = trained(family)
+    ckpt = trained(run)
     module = load_run_module(ckpt)
     record = export_run(ckpt, tmp_path / "merged", format="full")
     assert record.format == "full" and json.loads((tmp_path / "merged" / "effvid_export.json").read_text())["weights"] == "raw"
     import diffusers
 
-    component = "unet" if family == "modelscope" else "transformer"
-    model_class = type(getattr(pipeline(spec["pipeline"], folders[family]), component))
+    component = "unet" if family in ("modelscope", "sd") else "transformer"
+    components = {"motion_adapter": _motion_adapter(folders)} if family == "sd" else {}
+    model_class = type(getattr(pipeline(spec["pipeline"], folders[family], **components), component))
     _, info = model_class.from_pretrained(str(tmp_path / "merged"), subfolder=component, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]  # no weight initialised anew
-    merged = pipeline(spec["pipeline"], tmp_path / "merged")
+    merged = pipeline(spec["pipeline"], tmp_path / "merged")  # an AnimateDiff folder holds its motion U-Net
     x, t, merged_out = denoiser_call(merged, family)
-    _, _, base_out = denoiser_call(pipeline(spec["pipeline"], folders[family]), family)
+    _, _, base_out = denoiser_call(pipeline(spec["pipeline"], folders[family], **components), family)
     assert max_difference(effvid_output(module, x, t), merged_out) <= 1e-5
     assert max_difference(merged_out, base_out) > 1e-3
     assert isinstance(merged, getattr(diffusers, spec["pipeline"]))
