@@ -206,21 +206,22 @@ def load_pipeline_bundle(
             raise BundleError(f"bundle.frame_rate is for LTX-Video (its RoPE scale); the {family.name} family has none")
         net.frame_rate = float(frame_rate)
 
-    tokenizer = _load(_component_class(folder, index, "tokenizer", TOKENIZERS), folder, "tokenizer")
-    encoder = _load(_component_class(folder, index, "text_encoder", TEXT_ENCODERS), folder, "text_encoder",
-                    dtype=torch_dtype)
-    components = {"tokenizer": tokenizer, "text_encoder": encoder, family.denoiser_component: model}
-    length = text_max_length or family.text_length(components)
-    text_encoder = PipelinePromptEncoder(getattr(diffusers, pipeline_name), encoder, tokenizer, length)
+    text: dict[str, Any] = {}
+    for suffix in ("", "_2") if (index.get("text_encoder_2") or [None, None])[1] else ("",):
+        text[f"tokenizer{suffix}"] = _load(_component_class(folder, index, f"tokenizer{suffix}", TOKENIZERS), folder,
+                                           f"tokenizer{suffix}")
+        text[f"text_encoder{suffix}"] = _load(_component_class(folder, index, f"text_encoder{suffix}", TEXT_ENCODERS),
+                                              folder, f"text_encoder{suffix}", dtype=torch_dtype)
+    length = text_max_length or family.text_length({**text, family.denoiser_component: model})
+    text_encoder = PipelinePromptEncoder(getattr(diffusers, pipeline_name), max_length=length, **text)
 
     scheduler_name = (index.get("scheduler") or [None, None])[1]
     scheduler_class = getattr(diffusers, str(scheduler_name), None)
     if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
         raise BundleError(f"{folder}/scheduler: {scheduler_name!r} is not a diffusers scheduler")
     scheduler = training_scheduler(_load(scheduler_class, folder, "scheduler"))
-    flow_family = family.name in ("ltx_video", "wan")
-    if is_flow_matching(scheduler) != flow_family:
-        expected = "flow-matching" if flow_family else "DDPM-style"
+    if is_flow_matching(scheduler) != family.flow_matching:
+        expected = "flow-matching" if family.flow_matching else "DDPM-style"
         raise BundleError(f"{folder}/scheduler: {scheduler_name} is not the {expected} schedule the {family.name} family trains with")
 
     autoencoder = family.wrap_vae(vae, patch_size=spatial_multiple(net))

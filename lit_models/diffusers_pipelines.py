@@ -42,8 +42,7 @@ def family_pipeline(module: nn.Module, net: nn.Module | None = None) -> Any:
     if scheduler_config is None:
         raise ValueError("the run's noise schedule does not record its pipeline's scheduler")
     components: dict[str, Any] = {
-        family.denoiser_component: model, "vae": module.autoencoder.vae, "text_encoder": module.text_encoder.text_encoder,
-        "tokenizer": module.text_encoder.tokenizer,
+        family.denoiser_component: model, "vae": module.autoencoder.vae, **module.text_encoder.pipeline_components(),
         "scheduler": getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config),
     }  # fmt: skip
     parameters = inspect.signature(pipeline_class.__init__).parameters
@@ -66,8 +65,10 @@ def _call_arguments(pipeline: Any, module: nn.Module, frames: int) -> dict[str, 
     if name == "LattePipeline":
         return {"video_length": frames, "mask_feature": False, "clean_caption": False}
     arguments: dict[str, Any] = {"num_frames": frames}
-    if name in ("CogVideoXPipeline", "LTXPipeline", "WanPipeline"):
+    if name in ("CogVideoXPipeline", "LTXPipeline", "WanPipeline", "HunyuanVideoPipeline"):
         arguments["max_sequence_length"] = text_length
+    if name == "HunyuanVideoPipeline":  # its guidance_scale is the embedded guidance, not CFG
+        arguments["guidance_scale"] = module.net.guidance
     if name == "LTXPipeline":
         arguments["frame_rate"] = module.net.frame_rate
     return arguments
@@ -80,9 +81,9 @@ def pipeline_generate(
     """Videos `(B, C, F, H, W)` in [-1, 1] from the family pipeline, one seeded generator per call."""
     pipeline = family_pipeline(module)
     _, frames, height, width = (int(v) for v in module.video_shape)
+    arguments = {"guidance_scale": guidance_scale, **_call_arguments(pipeline, module, num_frames or frames)}
     output = pipeline(
-        list(prompts), height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
-        generator=torch.Generator().manual_seed(seed), output_type="pt",
-        **_call_arguments(pipeline, module, num_frames or frames),
+        list(prompts), height=height, width=width, num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed), output_type="pt", **arguments,
     ).frames  # (B, F, C, H, W) in [0, 1]
     return (torch.as_tensor(output).permute(0, 2, 1, 3, 4).float() * 2 - 1).clamp(-1, 1)

@@ -18,14 +18,16 @@ from lit_models.latent import FrameAutoencoder, VideoAutoencoder
 from lit_models.nets.diffusers_video import (
     CogVideoXBackbone,
     DiffusersFrameUNet,
+    HunyuanVideoBackbone,
     LatteBackbone,
     LTXVideoBackbone,
     UNet3DBackbone,
     WanBackbone,
 )
 
-TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "UMT5EncoderModel")
-TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "AutoTokenizer")
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "UMT5EncoderModel", "LlamaModel")
+TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "LlamaTokenizer",
+              "LlamaTokenizerFast", "AutoTokenizer")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Family:
             family's LoRAs use; None when diffusers cannot load a LoRA into its denoiser.
         default_sampler, default_fps: what `effvid-sample` and validation use unless told.
         flow_matching: trained with rectified flow (velocity target) rather than DDPM noising.
+        motion_modules: AnimateDiff motion modules fit its denoiser.
     """
 
     name: str
@@ -54,6 +57,7 @@ class Family:
     text_length: Callable[[dict[str, Any]], int]
     lora_pipeline: str | None
     default_fps: float = 8.0
+    flow_matching: bool = False
     motion_modules: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -138,6 +142,7 @@ FAMILIES: tuple[Family, ...] = (
         text_length=lambda components: 128,  # LTXPipeline.__call__'s max_sequence_length
         lora_pipeline="LTXPipeline",
         default_fps=25.0,
+        flow_matching=True,
     ),
     Family(
         name="wan",
@@ -150,6 +155,21 @@ FAMILIES: tuple[Family, ...] = (
         text_length=lambda components: 512,  # WanPipeline.__call__'s max_sequence_length
         lora_pipeline="WanPipeline",
         default_fps=16.0,
+        flow_matching=True,
+    ),
+    Family(
+        name="hunyuan_video",
+        pipelines=("HunyuanVideoPipeline",),
+        denoiser_component="transformer",
+        denoiser_classes=("HunyuanVideoTransformer3DModel",),
+        wrap_denoiser=lambda model, vae: HunyuanVideoBackbone(model=model),
+        vae_classes=("AutoencoderKLHunyuanVideo",),
+        video_vae=True,
+        text_length=lambda components: 256,  # HunyuanVideoPipeline.__call__'s max_sequence_length
+        lora_pipeline="HunyuanVideoPipeline",
+        default_fps=24.0,
+        flow_matching=True,
+        notes=("guidance-distilled: the embedded guidance (6.0) is the wrapper's; sample at guidance 1",),
     ),
     Family(
         name="latte",

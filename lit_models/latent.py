@@ -123,12 +123,12 @@ class VideoAutoencoder(nn.Module):
     family's pipeline un-normalises them before decoding. Always frozen.
 
     Args:
-        vae: `AutoencoderKLCogVideoX`, `AutoencoderKLLTXVideo` or `AutoencoderKLWan`.
+        vae: `AutoencoderKLCogVideoX`, `AutoencoderKLLTXVideo`, `AutoencoderKLWan` or `AutoencoderKLHunyuanVideo`.
         patch_size: the denoiser's spatial patch size; frame sizes must be multiples of
             `downscale * patch_size` (checked with `check_shape`).
 
     Normalisation per family (what each pipeline inverts before `vae.decode`):
-    CogVideoX scales by `scaling_factor`; LTX-Video and Wan subtract the per-channel
+    CogVideoX and HunyuanVideo scale by `scaling_factor`; LTX-Video and Wan subtract the per-channel
     `latents_mean` and divide by `latents_std` (LTX also scales by `scaling_factor`).
     """
 
@@ -142,7 +142,7 @@ class VideoAutoencoder(nn.Module):
         config = vae.config
         channels = int(config.get("latent_channels") or config.get("z_dim"))
         mean, std, scale = torch.zeros(channels), torch.ones(channels), 1.0
-        if kind == "AutoencoderKLCogVideoX":
+        if kind in ("AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo"):
             scale = float(config.scaling_factor)
         elif kind == "AutoencoderKLLTXVideo":
             mean, std, scale = vae.latents_mean.float(), vae.latents_std.float(), float(config.scaling_factor)

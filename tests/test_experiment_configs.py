@@ -18,6 +18,7 @@ REQUIRED = {
     "make_a_video_t2i": ["paradigm.clip.weights=CLIP.ckpt"],
     **{name: ["pretrained=PIPELINE_DIR"] for name in (
         "animatediff_sd15", "cogvideox_lora", "ltx_video_lora", "wan_t2v_lora", "modelscope_t2v", "finetune_pretrained",
+        "hunyuan_video_lora",
         "progressive_distill_pretrained")},
     "dpo_pretrained": ["pretrained=PIPELINE_DIR", "pairs_dir=PAIRS_DIR"],
     "animatediff_motionlora": ["pretrained=SD_DIR", "bundle.motion_adapter=MOTION_ADAPTER_DIR"],

@@ -38,6 +38,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
                        call=dict(num_frames=8), layout="video"),
     "sd": dict(experiment="animatediff_motionlora", frames=8, pipeline="AnimateDiffPipeline",
                call=dict(num_frames=8), layout="video"),
+    # guidance-distilled: the pipeline's guidance_scale is the embedded guidance effvid's wrapper holds
+    "hunyuan": dict(experiment="hunyuan_video_lora", frames=9, pipeline="HunyuanVideoPipeline",
+                    call=dict(num_frames=9, guidance_scale=6.0), layout="video"),
 }
 
 
@@ -66,6 +69,7 @@ RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "cogvideox": ("cogvideox", LORA_4_8),
     "ltx": ("ltx", LORA_4_8),
     "wan": ("wan", LORA_4_8),
+    "hunyuan": ("hunyuan", LORA_4_8),
     "modelscope": ("modelscope", LORA_4_8),
     "motionlora": ("sd", ("paradigm.trainable.1.rank=4", "paradigm.trainable.1.alpha=8")),  # LoRA after MotionModule
     "motion": ("sd", ("experiment=animatediff_sd15", "paradigm.trainable.0.adapter.motion_num_attention_heads=2")),
@@ -109,8 +113,9 @@ def denoiser_call(pipe: Any, family: str) -> tuple[torch.Tensor, torch.Tensor, t
 
     handle = getattr(pipe, component).register_forward_hook(hook, with_kwargs=True)
     try:
-        pipe(PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="latent",
-             generator=torch.Generator().manual_seed(0), **spec["call"])
+        call = {"guidance_scale": 1.0, **spec["call"]}
+        pipe(PROMPT, height=32, width=32, num_inference_steps=2, output_type="latent",
+             generator=torch.Generator().manual_seed(0), **call)
     finally:
         handle.remove()
     args, kwargs, out = seen["args"], seen["kwargs"], seen["out"]
@@ -138,7 +143,7 @@ def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 # --- text conditioning parity -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["sd", "modelscope", "cogvideox", "ltx", "wan", "latte"])
+@pytest.mark.parametrize("family", ["sd", "modelscope", "cogvideox", "ltx", "wan", "latte", "hunyuan"])
 @torch.no_grad()  # as the pipelines run it (autograd mode picks other kernels, ~1e-6 apart)
 def test_bundle_text_features_equal_the_pipelines_encode_prompt(folders: dict[str, Path], family: str) -> None:
     from diffusers import DiffusionPipeline
@@ -154,6 +159,9 @@ def test_bundle_text_features_equal_the_pipelines_encode_prompt(folders: dict[st
         theirs, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=length)
     elif family == "latte":
         theirs, mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, mask_feature=False, clean_caption=False)[0], None
+    elif family == "hunyuan":
+        theirs, pooled, mask = pipe.encode_prompt(prompts, max_sequence_length=length)
+        assert torch.equal(ours.pooled, pooled)  # CLIP's pooled feature, beside the Llama tokens
     else:
         theirs, mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=length)[0], None
     assert torch.equal(ours.tokens, theirs)
@@ -166,7 +174,7 @@ def test_bundle_text_features_equal_the_pipelines_encode_prompt(folders: dict[st
 # --- round trips: trained in effvid, loaded by the family's pipeline ----------------------
 
 
-@pytest.mark.parametrize("run", ["cogvideox", "ltx", "wan", "motionlora"])
+@pytest.mark.parametrize("run", ["cogvideox", "ltx", "wan", "hunyuan", "motionlora"])
 def test_exported_lora_loads_into_the_pipeline_with_effvids_output(
     folders: dict[str, Path], trained: Callable[[str], Path], tmp_path: Path, run: str
 ) -> None:
@@ -194,7 +202,7 @@ def _motion_adapter(folders: dict[str, Path]) -> Any:
     return MotionAdapter.from_pretrained(str(folders["motion_adapter"]))
 
 
-@pytest.mark.parametrize("run", ["modelscope", "cogvideox", "ltx", "wan", "motionlora"])
+@pytest.mark.parametrize("run", ["modelscope", "cogvideox", "ltx", "wan", "hunyuan", "motionlora"])
 def test_merged_full_export_loads_whole_with_effvids_output(
     folders: dict[str, Path], trained: Callable[[str], Path], tmp_path: Path, run: str
 ) -> None:

@@ -22,6 +22,7 @@ FOLDERS = {  # README placeholder -> tiny folder name
     "/models/CogVideoX-2b": "cogvideox",
     "/models/LTX-Video": "ltx",
     "/models/Wan2.1-T2V-1.3B-Diffusers": "wan",
+    "/models/HunyuanVideo": "hunyuan",
 }
 TINY_KEYS = ("data.size", "data.num_frames")  # replaced, not duplicated
 
@@ -87,7 +88,7 @@ def test_every_readme_pretrained_command_runs_as_written(
 
     # What the commands promise to leave behind.
     assert (tmp_path / "exports/motion-adapter/config.json").is_file()
-    for lora in ("motionlora", "cogvideox-lora", "ltx-lora", "wan-lora"):
+    for lora in ("motionlora", "cogvideox-lora", "ltx-lora", "wan-lora", "hunyuan-lora"):
         assert (tmp_path / "exports" / lora / "pytorch_lora_weights.safetensors").is_file(), lora
     for folder in ("modelscope-merged", "cogvideox-merged", "wan-full", "cogvideox-more"):
         assert (tmp_path / "exports" / folder / "model_index.json").is_file(), folder

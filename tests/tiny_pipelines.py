@@ -241,6 +241,55 @@ def write_latte_folder(path: Path) -> Path:
     return Path(path)
 
 
+def llama_tokenizer(max_length: int = 256):
+    """A byte-level BPE `LlamaTokenizerFast` trained here on HunyuanVideo's prompt template and the
+    digit captions (offline; the real one is Llama 3's)."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = [DEFAULT_PROMPT_TEMPLATE["template"], " ".join(T5_WORDS)] * 4
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return LlamaTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                              pad_token="<|end_of_text|>", model_max_length=max_length)
+
+
+def write_hunyuan_folder(path: Path) -> Path:
+    """A HunyuanVideo folder: dual-stream transformer + its video VAE (4x temporal) + Llama prompts
+    (a chat template, features from the third-last layer) + CLIP pooled text, flow matching."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+        spatial_compression_ratio=8, temporal_compression_ratio=4, mid_block_add_attention=False,
+    )  # fmt: skip
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32, pooled_projection_dim=32,
+        rope_axes_dim=(2, 2, 4), guidance_embeds=True,
+    )  # fmt: skip
+    llama = LlamaModel(LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)).eval()
+    pipe = HunyuanVideoPipeline(
+        text_encoder=llama, tokenizer=llama_tokenizer(), transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip_text_encoder(), tokenizer_2=clip_tokenizer(),
+    )  # fmt: skip
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
 FOLDER_WRITERS = {
     "sd": write_sd_folder,
     "modelscope": write_modelscope_folder,
@@ -248,4 +297,5 @@ FOLDER_WRITERS = {
     "ltx": write_ltx_folder,
     "wan": write_wan_folder,
     "latte": write_latte_folder,
+    "hunyuan": write_hunyuan_folder,
 }

@@ -96,9 +96,10 @@ class DiffusersVideoBackbone(nn.Module):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         with self._cache_context(timesteps):
-            return self.denoise(x, timesteps, context, context_mask)
+            return self.denoise(x, timesteps, context, context_mask, pooled)
 
-    def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
+    def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None,
+               pooled: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
 
@@ -119,7 +120,8 @@ class LatteBackbone(DiffusersVideoBackbone):
 
     from diffusers import LatteTransformer3DModel as model_class
 
-    def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
+    def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None,
+               pooled: Tensor | None = None) -> Tensor:
         context = _masked(_context(context, x, self.model.config.caption_channels), context_mask)
         # Latte's own encoder_attention_mask is not repeated over frames; its pipeline passes
         # none either, so padding tokens are zeroed instead.
@@ -143,7 +145,8 @@ class CogVideoXBackbone(DiffusersVideoBackbone):
         shim = SimpleNamespace(vae_scale_factor_spatial=1, transformer=self.model)
         return CogVideoXPipeline._prepare_rotary_positional_embeddings(shim, height, width, frames, device)
 
-    def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
+    def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None,
+               pooled: Tensor | None = None) -> Tensor:
         config = self.model.config
         frames, height, width = x.shape[2:]
         if config.patch_size_t is not None and frames % config.patch_size_t:
@@ -165,7 +168,8 @@ class UNet3DBackbone(DiffusersVideoBackbone):
 
     pipeline_component = "unet"
 
-    def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
+    def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None,
+               pooled: Tensor | None = None) -> Tensor:
         context = _context(context, x, self.model.config.cross_attention_dim)
         return self.model(x, timesteps, encoder_hidden_states=context).sample
 
@@ -187,7 +191,8 @@ class LTXVideoBackbone(DiffusersVideoBackbone):
         self.vae_temporal_compression, self.vae_spatial_compression = vae_temporal_compression, vae_spatial_compression
         self.frame_rate = frame_rate
 
-    def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
+    def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None,
+               pooled: Tensor | None = None) -> Tensor:
         from diffusers import LTXPipeline
 
         config = self.model.config
@@ -221,9 +226,40 @@ class WanBackbone(DiffusersVideoBackbone):
         _, _, frames, height, width = latent_shape
         return (frames // p_t) * (height // p_h) * (width // p_w)
 
-    def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
+    def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None,
+               pooled: Tensor | None = None) -> Tensor:
         context = _context(context, x, self.model.config.text_dim)
         return self.model(hidden_states=x, timestep=timesteps, encoder_hidden_states=context).sample
+
+
+class HunyuanVideoBackbone(DiffusersVideoBackbone):
+    """diffusers' `HunyuanVideoTransformer3DModel`: Llama token features with their mask, CLIP's pooled
+    feature, and (guidance-distilled releases) the embedded guidance scale its pipeline passes.
+
+    Args:
+        guidance: the embedded guidance (HunyuanVideoPipeline's `guidance_scale`, default 6.0);
+            used when the model has `guidance_embeds`. Sample such a model at guidance 1 (no CFG).
+    """
+
+    from diffusers import HunyuanVideoTransformer3DModel as model_class
+
+    def __init__(self, *args: Any, guidance: float = 6.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guidance = guidance
+
+    def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None,
+                pooled: Tensor | None = None) -> Tensor:
+        config = self.model.config
+        context = _context(context, x, config.text_embed_dim)
+        if context_mask is None or context_mask.shape[1] != context.shape[1]:
+            context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=x.device)
+        if pooled is None:  # an unconditional call
+            pooled = torch.zeros(x.shape[0], config.pooled_projection_dim, dtype=x.dtype, device=x.device)
+        guidance = None
+        if config.guidance_embeds:
+            guidance = torch.full((x.shape[0],), self.guidance * 1000.0, dtype=x.dtype, device=x.device)
+        return self.model(hidden_states=x, timestep=timesteps, encoder_hidden_states=context,
+                          encoder_attention_mask=context_mask, pooled_projections=pooled.to(x.dtype), guidance=guidance).sample
 
 
 class DiffusersFrameUNet(nn.Module):
