@@ -4,7 +4,7 @@ A bundle is the denoiser, its VAE (none, per-frame, or a video VAE), its text en
 pipeline's own tokenization, and its noise schedule. `load_bundle(ref)` takes
 
 - a diffusers pipeline folder (`model_index.json`): AnimateDiff on an SD 1.x folder (with
-  `motion_adapter=`), ModelScope, CogVideoX, LTX-Video, Wan, Latte (`families.py`);
+  `motion_adapter=`), ModelScope, CogVideoX, LTX-Video, Wan, HunyuanVideo, Latte (`families.py`);
 - a Hugging Face hub id, from the local cache (`HF_HUB_OFFLINE=1` is respected);
 - an effvid run (`runs/RUN_ID`, a run id, or a checkpoint path).
 
