@@ -18,12 +18,12 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.run_dir import RunError, resolve_checkpoint
 from lit_models.feature_cache import sampling_cache
 from lit_models.super_resolution import resize_frames
+from lit_models.trusted_config import UntrustedConfigError, instantiate_trusted, trust_command_line_targets
 from lit_models.video_logging import save_samples
 
 
@@ -40,13 +40,14 @@ def load_model(ckpt_path: Path, run_dir: Path) -> tuple[Any, DictConfig]:
     checkpoint = load_checkpoint(ckpt_path)
     stamp = checkpoint.get("effvid")
     if stamp is not None:
-        cfg = OmegaConf.create(stamp["config"])
+        cfg, where = OmegaConf.create(stamp["config"]), str(ckpt_path)
     elif (run_dir / "config.yaml").exists():
-        cfg = OmegaConf.load(run_dir / "config.yaml")
+        cfg, where = OmegaConf.load(run_dir / "config.yaml"), str(run_dir / "config.yaml")
     else:
         raise RunError(f"{ckpt_path} is not an effvid checkpoint and {run_dir}/config.yaml is missing")
     # A paradigm without a denoiser (Make-A-Video's clip stage) runs with model=null.
-    model = instantiate(cfg.paradigm, net=instantiate(cfg.model) if cfg.get("model") else None)
+    net = instantiate_trusted(cfg.model, where) if cfg.get("model") else None
+    model = instantiate_trusted(cfg.paradigm, where, net=net)
     missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
         raise RunError(
@@ -151,10 +152,11 @@ def translate_flags(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def hydra_main(cfg: DictConfig) -> None:
+    trust_command_line_targets(cfg.trust_targets)
     try:
         with torch.inference_mode():
             run_sampling(cfg)
-    except RunError as error:
+    except (RunError, UntrustedConfigError) as error:
         raise SystemExit(f"effvid-sample: error: {error}") from None
 
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 from einops import rearrange, repeat
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from lit_models.conditioning import OpenClipTextEncoder
+from lit_models.trusted_config import instantiate_trusted
 
 
 class BaseCheckpointError(ValueError):
@@ -49,7 +49,7 @@ def _sub_state(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def load_effvid_net(ckpt: str | Path) -> nn.Module:
     """The denoiser of an effvid run, built from the run's config with the checkpoint's weights."""
     state, config = read_effvid_checkpoint(ckpt)
-    net = instantiate(OmegaConf.create(config)["model"])
+    net = instantiate_trusted(OmegaConf.create(config)["model"], str(ckpt))
     net.load_state_dict(_sub_state(state, "net."))
     return net
 
@@ -59,7 +59,7 @@ def load_effvid_text_encoder(ckpt: str | Path, trainable: bool = False) -> OpenC
     state, config = read_effvid_checkpoint(ckpt)
     encoder_cfg = OmegaConf.create(config)["paradigm"]["text_encoder"]
     encoder_cfg.trainable = trainable
-    encoder = instantiate(encoder_cfg)
+    encoder = instantiate_trusted(encoder_cfg, str(ckpt))
     encoder.load_state_dict(_sub_state(state, "text_encoder."))
     return encoder
 
@@ -118,7 +118,7 @@ def load_effvid_module(ckpt: str | Path) -> nn.Module:
     the base, which the model config loads first."""
     state, config = read_effvid_checkpoint(ckpt)
     cfg = OmegaConf.create(config)
-    module = instantiate(cfg.paradigm, net=instantiate(cfg.model))
+    module = instantiate_trusted(cfg.paradigm, str(ckpt), net=instantiate_trusted(cfg.model, str(ckpt)))
     result = module.load_state_dict(state, strict=False)
     trained = getattr(module, "trainable_names", None)  # PEFT: only its trained weights are stored
     missing = [k for k in result.missing_keys if trained is None or k in trained]
