@@ -159,9 +159,10 @@ class PreemptionCheckpoint(Callback):
     tells effvid-train which signal it was (it exits 0 for SIGUSR1, 128 + the signal number
     otherwise). A second Ctrl-C stops at once, without a checkpoint.
 
-    The handlers only raise a flag; every rank's flag is combined at the end of each step (one
-    all-reduce), so all ranks of a DDP run stop after the same step even when the signal
-    reached only some of them. Data-loader workers ignore the signals
+    In a single process the handler asks Lightning to stop after the current step. In a DDP
+    run it only raises a flag, and every rank's flag is combined at the end of each step (one
+    all-reduce), so all ranks stop after the same step even when the signal reached only some
+    of them. Data-loader workers ignore the signals
     (`datamodules/loaders.py`), so they are still there to be shut down. Under SLURM with
     Lightning's auto-requeue, Lightning owns SIGUSR1 (an hpc checkpoint and `scontrol
     requeue`); this callback then leaves that signal alone.
@@ -171,19 +172,23 @@ class PreemptionCheckpoint(Callback):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.run_dir = Path(run_dir)
         self.signal_received: int | None = None
-        self._flag = False
+        self.stop_requested = False
+        self._trainer: Any = None
 
     def _request_stop(self, signum: int, frame: Any) -> None:
-        if self._flag and signum == signal.SIGINT:
+        if self.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        if not self._flag:
+        if not self.stop_requested:
             print(f"effvid: {signal.Signals(signum).name} received: stopping after this step with a checkpoint"
                   + (" (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""), flush=True)
-        self._flag = True
+        self.stop_requested = True
         self.signal_received = self.signal_received or signum
+        if self._trainer is not None and not _distributed():
+            self._trainer._signal_connector.received_sigterm = True  # Lightning stops after this step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After Lightning registered its own handlers (it restores the originals at teardown).
+        self._trainer = trainer
         for signum in STOP_SIGNALS:
             if signum == signal.SIGUSR1 and signal.getsignal(signum) not in (signal.SIG_DFL, None):
                 continue  # Lightning's SLURM auto-requeue handler
@@ -191,11 +196,10 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        stop = self._flag
-        if _distributed() and trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop:
-            trainer._signal_connector.received_sigterm = True  # Lightning stops after this step
+        if not (_distributed() and trainer.world_size > 1):
+            return  # the handler has told Lightning already
+        if trainer.strategy.reduce_boolean_decision(self.stop_requested, all=False):
+            trainer._signal_connector.received_sigterm = True  # every rank stops after this step
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
