@@ -7,6 +7,10 @@ import os
 from pathlib import Path
 
 
+# Errors of the destination, not of the data: a full disk or quota, a file too large, a read-only mount.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
 class WriteError(OSError):
     """A file could not be written (disk full, quota, permissions); `filename` is the file
     that was meant, and no temporary file is left."""

@@ -108,12 +108,23 @@ def _warn_and_continue(exn: Exception) -> bool:
 
 class CountTarErrors:
     """tar-level error handler like `_warn_and_continue` that also counts the error in the
-    datamodule's skipped counter (a truncated shard loses its remaining samples)."""
+    datamodule's skipped counter (a truncated shard loses its remaining samples).
+
+    webdataset reports one truncation twice: from the member read (message "... @ <file
+    name='SHARD'>") and again from the shard loop (with SHARD as the last argument); the second
+    report of the same shard is neither warned about nor counted again."""
 
     def __init__(self, skipped: Any) -> None:
         self.skipped = skipped
+        self._member_error: str | None = None
 
     def __call__(self, exn: Exception) -> bool:
+        message = str(exn.args[0]) if exn.args else ""
+        url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else None
+        repeated = url is not None and self._member_error is not None and f"name='{url}'" in self._member_error
+        self._member_error = message if " @ " in message else None
+        if repeated:
+            return True
         warnings.warn(f"skipping unreadable shard data: {exn!r}", SkippedSampleWarning, stacklevel=2)
         with self.skipped.get_lock():
             self.skipped.value += 1

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
-import errno
 import shutil
 import signal
 import sys
@@ -39,7 +38,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from data_tools.atomic_files import WriteError, write_atomic
+from data_tools.atomic_files import STORAGE_ERRNOS, WriteError, write_atomic
 from experiments.checkpoints import check_checkpoint_fits
 from experiments.run_callbacks import DivergedError, PreemptionCheckpoint, RunRecorder
 from experiments.run_dir import (
@@ -61,7 +60,6 @@ from lit_models.trusted_config import UntrustedConfigError, check_trusted, parse
 
 HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--shell-completion", "-sc"}
 DIVERGED_EXIT = 3
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def override_values(argv: list[str]) -> dict[str, str]:
@@ -268,7 +266,7 @@ def _train(cfg: DictConfig, run_dir: Path, owner: bool) -> dict[str, float]:
         finish_wandb()
         raise SystemExit(f"effvid-train: error: {error}") from None
     except OSError as error:
-        if not isinstance(error, WriteError) and error.errno not in DISK_ERRORS:
+        if not isinstance(error, WriteError) and error.errno not in STORAGE_ERRNOS:
             raise
         finish_wandb()
         raise SystemExit(
