@@ -330,63 +330,65 @@ def write_planned_shards(
     results = process(pending)
     bar = tqdm(total=sum(len(plan[i]) for i in pending), desc="inputs", unit="input", disable=not progress)
     total_written = 0
-    for position, index in enumerate(pending):
-        if gate is not None and position > 0:
-            # Finished shards after a rewritten one come later in input order.
-            for done in range(pending[position - 1] + 1, index):
-                gate.restore(manifests[done])
-        written: list[ClipRecord] = []
-        failed, dropped, inputs = [], [], []
-        tars = _PartWriter(out_dir, index, max_samples, max_bytes)
-        try:
-            for source in sources[index]:
-                records = []
-                input_written = 0
-                for record in next(results):
-                    if record.ok and gate is not None:
-                        record = gate(record)
-                    if record.ok:
-                        try:
-                            sample = _sample(record)
-                        except OSError as error:  # vanished or unreadable since it was probed
-                            record = replace(record, status=FAILED, reason=f"cannot read: {error.strerror or error}")
-                        else:
-                            tars.write(sample)
-                            written.append(record)
-                            records.append(record)
-                            input_written += 1
-                            continue
-                    records.append(record)
-                    entry = {"path": record.source, "key": record.key, "reason": record.reason}
-                    (dropped if record.status == DROPPED else failed).append(entry)
-                    if record.status != DROPPED:
-                        _report(f"effvid-data: skipped {record.source}: {record.reason}")
-                inputs.append(_input_entry(source, records, input_written))
-                total_written += input_written
-                bar.update()
-                rate = total_written / max(bar.format_dict["elapsed"], 1e-6)
-                bar.set_postfix(samples=total_written, samples_per_s=f"{rate:.2f}", refresh=False)
-            parts = tars.close()
-        except BaseException as error:
-            tars.abort()  # never leave a half-written shard behind
-            if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
-                raise write_error(error, out_dir / tars.name) from error
-            raise
-        manifest = {
-            "shard": parts[0]["tar"],
-            "num_samples": len(written),
-            "keys": [r.key for r in written],
-            "sources": sources[index],
-            "inputs": inputs,
-            "failed": failed,
-            "dropped": dropped,
-            "bytes": sum(part["bytes"] for part in parts),
-            "parts": parts,
-            **(gate.manifest_fields(written) if gate is not None else {}),
-        }
-        _write_json_atomic(out_dir / f"{shard_name(index)}.manifest.json", manifest)
-        manifests[index] = manifest
-    bar.close()
+    try:
+        for position, index in enumerate(pending):
+            if gate is not None and position > 0:
+                # Finished shards after a rewritten one come later in input order.
+                for done in range(pending[position - 1] + 1, index):
+                    gate.restore(manifests[done])
+            written: list[ClipRecord] = []
+            failed, dropped, inputs = [], [], []
+            tars = _PartWriter(out_dir, index, max_samples, max_bytes)
+            try:
+                for source in sources[index]:
+                    records = []
+                    input_written = 0
+                    for record in next(results):
+                        if record.ok and gate is not None:
+                            record = gate(record)
+                        if record.ok:
+                            try:
+                                sample = _sample(record)
+                            except OSError as error:  # vanished or unreadable since it was probed
+                                record = replace(record, status=FAILED, reason=f"cannot read: {error.strerror or error}")
+                            else:
+                                tars.write(sample)
+                                written.append(record)
+                                records.append(record)
+                                input_written += 1
+                                continue
+                        records.append(record)
+                        entry = {"path": record.source, "key": record.key, "reason": record.reason}
+                        (dropped if record.status == DROPPED else failed).append(entry)
+                        if record.status != DROPPED:
+                            _report(f"effvid-data: skipped {record.source}: {record.reason}")
+                    inputs.append(_input_entry(source, records, input_written))
+                    total_written += input_written
+                    bar.update()
+                    rate = total_written / max(bar.format_dict["elapsed"], 1e-6)
+                    bar.set_postfix(samples=total_written, samples_per_s=f"{rate:.2f}", refresh=False)
+                parts = tars.close()
+            except BaseException as error:
+                tars.abort()  # never leave a half-written shard behind
+                if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+                    raise write_error(error, out_dir / tars.name) from error
+                raise
+            manifest = {
+                "shard": parts[0]["tar"],
+                "num_samples": len(written),
+                "keys": [r.key for r in written],
+                "sources": sources[index],
+                "inputs": inputs,
+                "failed": failed,
+                "dropped": dropped,
+                "bytes": sum(part["bytes"] for part in parts),
+                "parts": parts,
+                **(gate.manifest_fields(written) if gate is not None else {}),
+            }
+            _write_json_atomic(out_dir / f"{shard_name(index)}.manifest.json", manifest)
+            manifests[index] = manifest
+    finally:
+        bar.close()  # before any error message, which would otherwise share its line
 
     ordered = [manifests[i] for i in range(len(plan))]
     failed_entries = [entry for m in ordered for entry in m.get("failed", [])]

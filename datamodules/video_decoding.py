@@ -188,7 +188,7 @@ def decode_clip(
         raise DecodeTimeoutError(f"mp4 of sample {key} in shard {url}: {exc}") from None
     except Exception as exc:  # decord raises RuntimeError or DECORDError with long C++ traces
         if _is_allocation_failure(exc):
-            raise ClipTooLargeError(f"cannot allocate memory to decode the mp4 of sample {key} in shard {url}") from None
+            raise ClipTooLargeError(f"mp4 of sample {key} in shard {url}: cannot allocate memory to decode it") from None
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise VideoDecodeError(f"cannot decode mp4 of sample {key} in shard {url}: {detail}") from exc
 

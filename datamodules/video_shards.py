@@ -364,7 +364,8 @@ class VideoShardDataModule(lightning.LightningDataModule):
         readers = max(self.num_workers, 1) * self._world_size()
         return (
             f"a pass over the training shards yielded no batch: {self._list_shards(self.train_urls or [])} "
-            f"gave fewer than batch_size={self.batch_size} usable samples per reader ({readers} readers); "
+            f"gave fewer than batch_size={self.batch_size} usable samples per reader ({readers} reader"
+            f"{'s' if readers > 1 else ''}); "
             "the skipped-sample warnings above name the bad ones"
         )
 

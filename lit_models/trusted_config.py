@@ -113,16 +113,17 @@ def _walk(node: Any, path: str) -> Iterable[tuple[str, Any]]:
         yield path, node
 
 
-def _as_resolved_container(config: Any, where: str) -> tuple[Any, str]:
-    """The config as plain containers with every interpolation resolved (what `instantiate`
-    will see), and the key path of the node inside its root config."""
-    if not isinstance(config, (DictConfig, ListConfig)):
-        config = OmegaConf.create(config)
-    prefix = config._get_full_key(None) or ""
-    try:
-        return OmegaConf.to_container(config, resolve=True), prefix
-    except Exception as error:  # an interpolation that cannot be resolved cannot be checked either
-        raise UntrustedConfigError(f"{where}: cannot resolve the config to check it ({error})") from None
+def _refusal(where: str, path: str, value: Any) -> UntrustedConfigError:
+    return UntrustedConfigError(
+        f"{where}: {path} = {value} is not one of effvid's builders, so it is not called. "
+        f"A config inside a checkpoint or run folder is data. If you trust this artifact's code, "
+        f"allow the target for this command: trust_targets='[{value}]' (effvid-train, effvid-sample), "
+        f"--trust-target {value} (effvid-data) or {TRUSTED_TARGETS_ENV}={value}"
+    )
+
+
+def _is_target(path: str) -> bool:
+    return path == "_target_" or path.endswith("._target_")
 
 
 def check_trusted(config: Any, where: str, extra: Iterable[str] = ()) -> None:
@@ -131,18 +132,24 @@ def check_trusted(config: Any, where: str, extra: Iterable[str] = ()) -> None:
 
     `where` names the artifact in the message (e.g. the checkpoint path). A string that still
     holds `${...}` after resolution is refused too: Hydra would resolve it a second time
-    (an escaped `\\${oc.create:...}` can smuggle a node with a `_target_`)."""
-    container, prefix = _as_resolved_container(config, where)
+    (an escaped `\\${oc.create:...}` can smuggle a node with a `_target_`). So is a config whose
+    interpolations cannot be resolved: what they would produce cannot be checked."""
+    if not isinstance(config, (DictConfig, ListConfig)):
+        config = OmegaConf.create(config)
+    prefix = config._get_full_key(None) or ""
     allowed = trusted_targets() | user_trusted_targets() | parse_target_names(extra)
-    for path, value in _walk(container, prefix):
-        if path.endswith("._target_") or path == "_target_":
+    # Targets spelled out literally first: their refusal names them even if resolving fails.
+    for path, value in _walk(OmegaConf.to_container(config, resolve=False), prefix):
+        if _is_target(path) and not (isinstance(value, str) and ("${" in value or value in allowed)):
+            raise _refusal(where, path, value)
+    try:
+        resolved = OmegaConf.to_container(config, resolve=True)
+    except Exception as error:  # noqa: BLE001 - any resolution failure: cannot be checked
+        raise UntrustedConfigError(f"{where}: cannot resolve the config to check it ({error})") from None
+    for path, value in _walk(resolved, prefix):
+        if _is_target(path):
             if not isinstance(value, str) or value not in allowed:
-                raise UntrustedConfigError(
-                    f"{where}: {path} = {value} is not one of effvid's builders, so it is not called. "
-                    f"A config inside a checkpoint or run folder is data. If you trust this artifact's code, "
-                    f"allow the target for this command: trust_targets='[{value}]' (effvid-train, effvid-sample), "
-                    f"--trust-target {value} (effvid-data) or {TRUSTED_TARGETS_ENV}={value}"
-                )
+                raise _refusal(where, path, value)
         elif isinstance(value, str) and "${" in value:
             raise UntrustedConfigError(
                 f"{where}: {path} still holds an interpolation after resolving ({value!r}), which Hydra "
