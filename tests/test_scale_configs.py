@@ -66,14 +66,14 @@ def test_requeued_slurm_job_resumes_its_run_instead_of_refusing(tmp_path, monkey
     run = tmp_path / "r1"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("trainer: {max_steps: 10}\n")
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    torch.save({"global_step": 5}, run / "checkpoints" / "last.ckpt")
     argv = ["experiment=digits_quickstart", f"runs_dir={tmp_path}", "run_id=r1"]
     with pytest.raises(Exception, match="already exists"):
         prepare_argv(argv)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    (run / "hpc_ckpt_1.ckpt").write_bytes(b"x")  # Lightning's pre-emption checkpoint, newer
+    torch.save({"global_step": 6}, run / "hpc_ckpt_1.ckpt")  # Lightning's pre-emption checkpoint, newer
     resumed = prepare_argv(argv)
-    assert f"resume='{run / 'hpc_ckpt_1.ckpt'}'" in resumed and "run_id=r1" in resumed
+    assert f"resume='{run / 'hpc_ckpt_1.ckpt'}'" in resumed and "run_id='r1'" in resumed
 
 
 def test_compile_switch_compiles_the_denoiser_in_place(digits_data_root, tmp_path, monkeypatch):
