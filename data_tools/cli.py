@@ -160,8 +160,8 @@ def _add_encode_parser(commands: argparse._SubParsersAction) -> None:
                         help="skip clips declaring more pixels than this (width x height x frames) before decoding "
                              "(default: the config's data.max_decode_pixels, else 2^28)")
     encode.add_argument("--trust-target", action="append", default=[], metavar="PATH",
-                        help="with --run: a class of your own the run's config may name as _target_ (repeatable); "
-                             "any other target outside effvid's builders is refused")
+                        help="a class of your own that --run's config or a base checkpoint may name as _target_ "
+                             "(repeatable); any other target outside effvid's builders is refused")
     encode.add_argument("overrides", nargs="*", help="effvid-train config overrides, e.g. experiment=magicvideo")
 
 
@@ -193,8 +193,9 @@ def _run_encode(args: argparse.Namespace) -> None:
     from data_tools.mp4_header import DEFAULT_MAX_DECODE_PIXELS
     from experiments.run_dir import RunError
     from experiments.train import build_model
-    from lit_models.trusted_config import UntrustedConfigError
+    from lit_models.trusted_config import UntrustedConfigError, trust_command_line_targets
 
+    trust_command_line_targets(args.trust_target)  # also for a base checkpoint the overrides name
     try:
         cfg = _encode_config(args)
         L.seed_everything(cfg.seed, verbose=False)  # as effvid-train: random-initialised encoders match
