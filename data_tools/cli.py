@@ -141,7 +141,7 @@ examples:
   effvid-data encode --input data/digits/shards/train --out data/digits/encoded/train \\
       experiment=magicvideo +autoencoder=digits paradigm.autoencoder.weights=runs/VAE/checkpoints/last.ckpt --skip-text
   effvid-data encode --input data/digits/shards/train --out data/digits/encoded/train \\
-      experiment=lora_t2v base_ckpt=runs/base-digits/checkpoints/last.ckpt
+      experiment=lora_t2v pretrained=runs/base-digits
 """
 
 
@@ -216,6 +216,7 @@ def _run_encode(args: argparse.Namespace) -> None:
         stats = encode_shards(args.input, args.out, autoencoder, text_encoder, size=cfg.data.get("size"),
                               channels=cfg.data.get("channels", 3), batch_size=args.batch_size,
                               max_frames=args.max_frames, dtype=args.dtype, device=device,
+                              num_frames=cfg.data.get("num_frames"), frame_stride=cfg.data.get("frame_stride", 1),
                               max_decode_pixels=args.max_decode_pixels or cfg.data.get("max_decode_pixels",
                                                                                        DEFAULT_MAX_DECODE_PIXELS))
     except EncodeInputError as error:
@@ -277,12 +278,12 @@ def _run_pairs(args: argparse.Namespace) -> None:
             raise UsageError(f"unknown --reward {args.reward!r}; choose one of {sorted(REWARDS)}")
         pairs = generate_pairs(args.ckpt, read_prompts(args.prompts), args.per_prompt, REWARDS[args.reward],
                                seed=args.seed, batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance)
-    from lit_models.base_models import BaseCheckpointError
+    from lit_models.bundle import BundleError
     from lit_models.trusted_config import UntrustedConfigError
 
     try:
         stats = write_pair_shards(pairs, args.out, shard_size=args.shard_size)
-    except (BaseCheckpointError, UntrustedConfigError) as error:  # a bad --ckpt surfaces at the first pair
+    except (BundleError, UntrustedConfigError) as error:  # a bad --ckpt surfaces when the first pair is drawn
         raise PairInputError(str(error)) from None
     print(f"wrote {stats['pairs']} pairs to {stats['shards']} shards in {args.out}")
 

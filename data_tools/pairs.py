@@ -124,12 +124,12 @@ def generate_pairs(
     import torch
 
     from data_tools.video_io import encode_mp4
-    from lit_models.base_models import load_effvid_module
+    from lit_models.bundle import load_run_module
     from lit_models.video_logging import to_uint8_frames
 
     if per_prompt < 2:
         raise PairInputError(f"--per-prompt must be at least 2 to make a pair, got {per_prompt}")
-    module = load_effvid_module(ckpt)
+    module = load_run_module(ckpt)
     expanded = [p for p in prompts for _ in range(per_prompt)]  # prompt-major: K in a row
     videos, scores = [], []
     with torch.inference_mode():

@@ -174,9 +174,11 @@ def check_resumable(run_dir: Path, overrides: dict[str, str]) -> None:
 
 
 def build_model(cfg: DictConfig) -> Any:
-    """The LightningModule of a config, initialised as a run with its seed would be."""
-    # A paradigm without a denoiser (Make-A-Video's clip stage) runs with model=null.
-    return instantiate(cfg.paradigm, net=instantiate(cfg.model) if cfg.get("model") else None)
+    """The LightningModule of a config, initialised as a run with its seed would be: over the
+    `pretrained=` bundle, or over the network `model=` builds (`lit_models.bundle.build_module`)."""
+    from lit_models.bundle import build_module
+
+    return build_module(cfg)
 
 
 def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:
@@ -223,6 +225,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
 
 def _train(cfg: DictConfig, run_dir: Path, owner: bool) -> dict[str, float]:
     resuming = bool(cfg.get("resume"))
+    pin_local_paths(cfg)
     try:
         datamodule, model, trainer = build(cfg, run_dir)
         datamodule.setup("fit")  # bad shard paths fail here, before the run folder is kept
@@ -296,6 +299,16 @@ def stopped_by_signal(trainer: Any, run_id: str, owner: bool) -> int:
         print(f"effvid: run {run_id} stopped by {signal.Signals(signum).name} at step {trainer.global_step}; "
               f"continue with: effvid-train resume={run_id}", flush=True)
     return 0 if signum == signal.SIGUSR1 or not owner else 128 + int(signum)
+
+
+def pin_local_paths(cfg: DictConfig) -> None:
+    """A `pretrained=` folder (or motion adapter) given relative to the working folder is stored
+    absolute in the run's config, so resuming or sampling from elsewhere finds the same bundle."""
+    with open_dict(cfg):
+        for key in ("pretrained", "bundle.motion_adapter"):
+            value = OmegaConf.select(cfg, key)
+            if isinstance(value, str) and value and Path(value).exists() and not Path(value).is_absolute():
+                OmegaConf.update(cfg, key, str(Path(value).resolve()))
 
 
 def finish_wandb() -> None:

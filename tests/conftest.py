@@ -30,6 +30,18 @@ def digits_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random diffusers pipeline folders of every supported family (`tests/tiny_pipelines.py`),
+    plus an AnimateDiff `motion_adapter` for the SD folder."""
+    from tests.tiny_pipelines import FOLDER_WRITERS, write_motion_adapter
+
+    root = tmp_path_factory.mktemp("pipelines")
+    folders = {name: write(root / name) for name, write in FOLDER_WRITERS.items()}
+    folders["motion_adapter"] = write_motion_adapter(root / "motion_adapter")
+    return folders
+
+
 def tiny_overrides(data_root: Path, runs_dir: Path, max_steps: int = 4) -> list[str]:
     """The quickstart experiment with a tiny network and a few steps, for tests."""
     return [

@@ -88,7 +88,7 @@ def run_config(digits_data_root: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.mark.parametrize("payload", list(marker_payloads(Path("m"))))
 def test_a_checkpoint_naming_a_callable_is_refused_by_every_loader_and_nothing_runs(run_config, tmp_path, payload):
     from experiments.sample import load_model
-    from lit_models.base_models import load_effvid_module, load_effvid_net
+    from lit_models.bundle import load_bundle, load_run_module
 
     marker = tmp_path / "pwned.npy"  # numpy.save appends .npy to other names
     path, node, target = marker_payloads(marker)[payload]
@@ -98,9 +98,8 @@ def test_a_checkpoint_naming_a_callable_is_refused_by_every_loader_and_nothing_r
     ckpt = tmp_path / "runs" / "evil" / "checkpoints" / "last.ckpt"
     save_atomic({"state_dict": {}, "global_step": 1, "effvid": {"run_id": "evil", "config": config}}, ckpt)
 
-    loaders = [lambda: load_model(ckpt, ckpt.parent.parent), lambda: load_effvid_module(ckpt)]
-    if path.startswith("model."):
-        loaders.append(lambda: load_effvid_net(ckpt))
+    # effvid-sample, the bundle loader behind pretrained=RUN (train, encode, export) and its module loader (pairs)
+    loaders = [lambda: load_model(ckpt, ckpt.parent.parent), lambda: load_bundle(str(ckpt)), lambda: load_run_module(ckpt)]
     expected = f"{ckpt}: {path}" + (f"._target_ = {target}" if target != "interpolation" else " still holds an interpolation")
     for load in loaders:
         with pytest.raises(UntrustedConfigError) as refused:
@@ -117,23 +116,19 @@ def write_prompts(folder: Path) -> Path:
     return folder / "prompts.txt"
 
 
-def evil_run_folder(runs: Path, run_config: dict, path: str, node: object, stamp: bool = False) -> Path:
-    """A run folder whose config.yaml carries `node` at `path`, with a checkpoint (stamped
-    with the clean config, or unstamped so that config.yaml is what a loader reads)."""
+def evil_run_folder(runs: Path, run_config: dict, path: str, node: object) -> Path:
+    """A run folder whose config.yaml carries `node` at `path`, with a checkpoint."""
     run = runs / "evil"
     config = json.loads(json.dumps(run_config))
     set_path(config, path, node)
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     (run / "run.json").write_text(json.dumps({"run_id": "evil", "status": "interrupted", "created": "2026"}))
-    save_atomic({"state_dict": {}, "global_step": 2, **({"effvid": {"config": run_config}} if stamp else {})},
-                run / "checkpoints" / "last.ckpt")
+    save_atomic({"state_dict": {}, "global_step": 2}, run / "checkpoints" / "last.ckpt")
     return run
 
 
-def test_a_run_folder_naming_a_callable_is_refused_by_resume_encode_and_sample(run_config, tmp_path, monkeypatch, capsys):
-    from experiments.sample import load_model
-
+def test_a_run_folder_naming_a_callable_is_refused_by_resume_and_encode(run_config, tmp_path, monkeypatch, capsys):
     marker = tmp_path / "pwned.npy"
     path, node, target = marker_payloads(marker)["numpy.save"]
     run = evil_run_folder(tmp_path / "runs", run_config, "callbacks.evil", node)
@@ -148,8 +143,6 @@ def test_a_run_folder_naming_a_callable_is_refused_by_resume_encode_and_sample(r
 
     set_path(run_config_copy := json.loads(json.dumps(run_config)), "paradigm.optimizer", node)
     config_yaml.write_text(OmegaConf.to_yaml(OmegaConf.create(run_config_copy)))
-    with pytest.raises(UntrustedConfigError, match=f"{config_yaml}: paradigm.optimizer._target_ = numpy.save"):
-        load_model(run / "checkpoints" / "last.ckpt", run)  # an unstamped checkpoint: config.yaml is read
     monkeypatch.setenv("EFFVID_RUNS", str(tmp_path / "runs"))
     assert data_cli.main(["encode", "--run", "evil", "--input", str(tmp_path), "--out", str(tmp_path / "enc")]) == 2
     assert f"{config_yaml}: paradigm.optimizer._target_ = numpy.save" in capsys.readouterr().err
