@@ -27,12 +27,14 @@ from tests.test_encode import vae_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
-NEEDS = {
+NOT_HERE = {
     "gpu": "needs a GPU",
     "slurm": "needs a SLURM cluster",
     "pip": "installs an optional extra from the network",
     "online": "reads a W&B server",
     "compile": "torch.compile: GPU runs (the switch is tested in test_scale_configs without compiling)",
+    "pretrained": "run as written on tiny pipeline folders by test_readme_pretrained.py (the README's "
+                  "pretrained-commands block holds the same command)",
 }
 # Each backticked command of the two tables, in README order: run here (the step that does),
 # or why a CPU cannot run it.
@@ -44,25 +46,27 @@ COMMANDS = {
     "effvid-data encode --input SHARD_DIR --out ENCODED_DIR OVERRIDES": "run",
     "effvid-data pairs --ckpt CKPT --prompts FILE --out PAIR_DIR": "run",
     "effvid-train experiment=digits_quickstart": "run",
+    "effvid-train experiment=cogvideox_lora pretrained=PATH_OR_HUB_ID": NOT_HERE["pretrained"],
     "effvid-train resume=RUN_ID": "run",
     "effvid-sample run=RUN_ID prompts='[a handwritten 3 moving up]' sampler=dpmpp steps=20 guidance=3": "run",
     "effvid-runs list": "run",
     "effvid-runs compare RUN_A RUN_B": "run",
+    "effvid-export run=RUN_ID out=DIR": NOT_HERE["pretrained"],
     "effvid-train experiment=digits_quickstart trainer=ddp_cpu data.num_workers=1": "run",
-    "effvid-train experiment=... trainer=ddp +trainer/precision=bf16": NEEDS["gpu"],
-    "trainer=fsdp": NEEDS["gpu"],
-    "trainer=deepspeed": NEEDS["gpu"],
-    "pip install 'effvid[deepspeed]'": NEEDS["pip"],
+    "effvid-train experiment=... trainer=ddp +trainer/precision=bf16": NOT_HERE["gpu"],
+    "trainer=fsdp": NOT_HERE["gpu"],
+    "trainer=deepspeed": NOT_HERE["gpu"],
+    "pip install 'effvid[deepspeed]'": NOT_HERE["pip"],
     "model.gradient_checkpointing=true": "run",  # added to the sweep below
-    "compile=true": NEEDS["compile"],
+    "compile=true": NOT_HERE["compile"],
     "effvid-data encode --input SHARDS --out ENCODED OVERRIDES": "run",
     "effvid-train OVERRIDES data=digits_encoded": "run",
-    "pip install 'effvid[slurm]'": NEEDS["pip"],
-    "effvid-train -m hydra/launcher=slurm trainer=slurm hydra.launcher.nodes=N experiment=...": NEEDS["slurm"],
+    "pip install 'effvid[slurm]'": NOT_HERE["pip"],
+    "effvid-train -m hydra/launcher=slurm trainer=slurm hydra.launcher.nodes=N experiment=...": NOT_HERE["slurm"],
     "effvid-train -m paradigm.optimizer.lr=1e-3,2e-3": "run",
     "hydra/launcher=local": "run",  # the sweep runs through it
     "effvid-runs compare --group sweep-RUN_ID --x both": "run",
-    "--online ENTITY/PROJECT": NEEDS["online"],
+    "--online ENTITY/PROJECT": NOT_HERE["online"],
 }
 
 
