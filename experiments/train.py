@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
+import os
 import shutil
 import signal
 import sys
@@ -39,8 +40,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data_tools.atomic_files import STORAGE_ERRNOS, WriteError, write_atomic
-from experiments.checkpoints import check_checkpoint_fits
-from experiments.run_callbacks import DivergedError, PreemptionCheckpoint, RunRecorder
 from experiments.run_dir import (
     LOCK_NAME,
     RunError,
@@ -120,8 +119,6 @@ def _fresh_id(joining: bool) -> str:
 
 
 def requeued_slurm_job() -> bool:
-    import os
-
     return os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
 
 
@@ -129,8 +126,6 @@ def joining_overrides(argv: list[str]) -> list[str]:
     """A joining rank writes no `.hydra/` copy and logs to a file of its own."""
     extra = [] if any(a.startswith("hydra.output_subdir=") for a in argv) else ["hydra.output_subdir=null"]
     if not any(a.startswith("hydra.job.name=") for a in argv):
-        import os
-
         rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("LOCAL_RANK", "x")
         extra.append(f"hydra.job.name=train_rank_{rank}")
     return extra
@@ -186,6 +181,8 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor
 
+    from experiments.run_callbacks import RunRecorder
+
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg)
@@ -224,6 +221,11 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
 
 
 def _train(cfg: DictConfig, run_dir: Path, owner: bool) -> dict[str, float]:
+    # Torch and Lightning load here, not at import: a refused start (a busy run id, an untrusted
+    # config) fails in a second.
+    from experiments.checkpoints import check_checkpoint_fits
+    from experiments.run_callbacks import DivergedError
+
     resuming = bool(cfg.get("resume"))
     pin_local_paths(cfg)
     try:
@@ -293,6 +295,8 @@ def _train(cfg: DictConfig, run_dir: Path, owner: bool) -> dict[str, float]:
 def stopped_by_signal(trainer: Any, run_id: str, owner: bool) -> int:
     """The exit code after a stop signal (0 for SIGUSR1, 128 + the number otherwise; 0 on the
     other ranks, whose exit Lightning's launcher would take for a crash), with a message."""
+    from experiments.run_callbacks import PreemptionCheckpoint
+
     signum = next((c.signal_received for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
     signum = signum or signal.SIGTERM
     if owner:
