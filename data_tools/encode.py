@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_tools.atomic_files import write_atomic
+from data_tools.atomic_files import STORAGE_ERRNOS, write_atomic, write_error
+from data_tools.mp4_header import DEFAULT_MAX_DECODE_PIXELS
 from data_tools.shards import STATS_NAME, TAR_MTIME
 from lit_models.encoded_inputs import ENCODER_INFO_NAME, autoencoder_info, read_encoder_info, text_encoder_info
 
@@ -73,7 +74,7 @@ def clip_of(autoencoder: Any, num_frames: int | None, frame_stride: int) -> dict
 
 
 def _decoded_batches(url: str, size: int | None, channels: int, skipped: Any, timeout: float | None,
-                     batch_size: int) -> Iterator[list[dict[str, Any]]]:
+                     batch_size: int, max_pixels: int | None) -> Iterator[list[dict[str, Any]]]:
     """Every sample of one video shard decoded whole (all frames, first to last), in lists of
     up to `batch_size`."""
     import webdataset as wds
@@ -81,7 +82,7 @@ def _decoded_batches(url: str, size: int | None, channels: int, skipped: Any, ti
     from datamodules.video_shards import CountTarErrors, DecodeSamples, SelectFiles
 
     stage = DecodeSamples(None, skipped, caption_key="txt", seed=0, num_frames=None, stride=1, random_start=False,
-                          size=size, channels=channels, timeout=timeout)
+                          size=size, channels=channels, timeout=timeout, max_pixels=max_pixels)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([url]),
         wds.tarfile_to_samples(handler=CountTarErrors(skipped), select_files=SelectFiles({"mp4", "json", "txt"})),
@@ -142,10 +143,13 @@ def encode_shards(
     progress: bool = True,
     num_frames: int | None = None,
     frame_stride: int = 1,
+    max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS,
 ) -> dict[str, Any]:
     """Encode every shard of `input_spec` into `out_dir`; returns the stats (also written to
     `out_dir/_stats.json`). Shards already encoded (same name present) are kept. `num_frames`
-    and `frame_stride` are the training clip's, which a video VAE encodes whole."""
+    and `frame_stride` are the training clip's, which a video VAE encodes whole. A clip that
+    declares more than `max_decode_pixels` pixels (all its frames) is skipped and named before
+    decoding. A failed write removes the shard's temp file and raises `WriteError` naming it."""
     import webdataset as wds
     from tqdm import tqdm
 
@@ -186,14 +190,22 @@ def encode_shards(
             reused += 1
             continue
         tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as stream, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", SkippedSampleWarning)
-            writer = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME)
-            for batch in _decoded_batches(url, size, channels, skipped, decode_timeout, batch_size):
-                for entry in _encode_batch(batch, autoencoder, text_encoder, device, max_frames, np.dtype(dtype), clip):
-                    writer.write(entry)
-                written += len(batch)
-            writer.close()
+        try:
+            with open(tmp, "wb") as stream, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", SkippedSampleWarning)
+                writer = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME)
+                for batch in _decoded_batches(url, size, channels, skipped, decode_timeout, batch_size,
+                                              max_decode_pixels):
+                    for entry in _encode_batch(batch, autoencoder, text_encoder, device, max_frames, np.dtype(dtype),
+                                               clip):
+                        writer.write(entry)
+                    written += len(batch)
+                writer.close()
+        except BaseException as error:
+            tmp.unlink(missing_ok=True)  # never leave a half-written shard behind
+            if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+                raise write_error(error, target) from error
+            raise
         for warning in caught:
             if issubclass(warning.category, SkippedSampleWarning):
                 skipped_names.append(str(warning.message))

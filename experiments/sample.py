@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.run_dir import RunError, resolve_checkpoint
 from lit_models.feature_cache import sampling_cache
 from lit_models.super_resolution import resize_frames
+from lit_models.trusted_config import UntrustedConfigError, trust_command_line_targets
 from lit_models.video_logging import save_samples
 
 
@@ -163,10 +164,11 @@ def translate_flags(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def hydra_main(cfg: DictConfig) -> None:
+    trust_command_line_targets(cfg.trust_targets)
     try:
         with torch.inference_mode():
             run_sampling(cfg)
-    except RunError as error:
+    except (RunError, UntrustedConfigError) as error:
         raise SystemExit(f"effvid-sample: error: {error}") from None
 
 

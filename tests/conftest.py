@@ -3,7 +3,11 @@ and the overrides that shrink the quickstart experiment to a few seconds."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +76,31 @@ def compose_config(overrides: list[str], config_name: str = "train"):
 
     with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
         return compose(config_name, overrides=overrides)
+
+
+def cli(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m module args`, run in this process (the CLIs' own entry points; no interpreter
+    start-up per command): its exit status and output."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            if module == "experiments.runs":
+                code = main(list(args))
+            else:
+                sys.argv = [module, *args]
+                main()
+                code = 0
+    except SystemExit as stop:  # a message instead of a number: printed to stderr, status 1
+        code = stop.code if isinstance(stop.code, int) or stop.code is None else 1
+        if not isinstance(stop.code, int) and stop.code is not None:
+            stderr.write(f"{stop.code}\n")
+    finally:
+        sys.argv = argv
+    result = subprocess.CompletedProcess([module, *args], code or 0, stdout.getvalue(), stderr.getvalue())
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
