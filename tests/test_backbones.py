@@ -27,6 +27,8 @@ TINY = {
     ],
 }
 DIFFUSERS = ["latte", "cogvideox", "unet3d"]
+# Overfit steps: 20, but diffusers' UNet3D (the slowest step here) fits to 0.47x in 8.
+FIT_STEPS = {"unet3d": 8}
 # Parameters diffusers' own forward never uses (Latte keeps PixArt's adaLN-single projection).
 UNUSED = {"latte": {"model.adaln_single.linear.weight", "model.adaln_single.linear.bias"}}
 
@@ -69,7 +71,7 @@ def test_backbone_shape_gradient_and_overfit(name: str) -> None:
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=5e-3)
     first = loss.item()
-    for _ in range(20):
+    for _ in range(FIT_STEPS.get(name, 20)):
         optimizer.zero_grad()
         loss = torch.nn.functional.mse_loss(net(x, timesteps, **conditioning), target)
         loss.backward()
