@@ -83,6 +83,9 @@ class FactorizedUNet(nn.Module):
         temporal: `channels -> nn.Module` building a temporal op (see `temporal.py`); None
             gives an image model applied frame by frame.
         dropout: dropout inside ResBlocks.
+        frame_embedding: add an embedding of the frame index (sinusoids + MLP, like the
+            timestep's) to the conditioning embedding of each video frame, so every ResBlock
+            knows where in the clip its frame sits; image frames (and 1-frame inputs) get none.
         gradient_checkpointing: recompute each stage's activations in the backward pass
             instead of storing them (less memory, ~30% more compute); training only.
     """
@@ -100,6 +103,7 @@ class FactorizedUNet(nn.Module):
         heads: int = 4,
         temporal: Callable[[int], nn.Module] | None = None,
         dropout: float = 0.0,
+        frame_embedding: bool = False,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -120,6 +124,11 @@ class FactorizedUNet(nn.Module):
         self.pooled_embedding = (
             nn.Sequential(nn.Linear(pooled_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
             if pooled_dim is not None
+            else None
+        )
+        self.frame_embedding = (
+            nn.Sequential(Timesteps(channels[0], flip_sin_to_cos=True, downscale_freq_shift=0), TimestepEmbedding(channels[0], embed_dim))
+            if frame_embedding
             else None
         )
 
@@ -209,6 +218,11 @@ class FactorizedUNet(nn.Module):
             context_mask = context_mask.bool() | ~context_mask.bool().any(dim=-1, keepdim=True)
 
         embedding = self.embed(timesteps, batch_size, pooled, x.dtype, num_frames)  # (B*F, E)
+        if self.frame_embedding is not None and num_frames > 1:
+            frames = repeat(self.frame_embedding(torch.arange(num_frames, device=x.device)), "f e -> (b f) e", b=batch_size)
+            if image_frames is not None:
+                frames = frames * rearrange(~image_frames.bool(), "b f -> (b f) 1").to(frames.dtype)
+            embedding = embedding + frames.to(embedding.dtype)  # (B*F, E)
 
         h = self.conv_in(rearrange(x, "b c f h w -> (b f) c h w"))  # (B*F, C0, H, W)
         # oneDNN's convolutions are faster in channels-last layout on CPU (~5% of the step).
