@@ -96,11 +96,12 @@ def test_frame_positions_tell_the_frames_of_a_still_clip_apart(name):
     assert (out_positioned[:, 1:5] - out_positioned[:, 2:3]).abs().amax(dim=(0, 2, 3, 4))[[0, 2, 3]].min() > 1e-3
 
 
-def test_unet_frame_embedding_gives_frame_dependent_outputs_and_leaves_images_alone():
+@pytest.mark.parametrize("kind", ["index", "index_and_text"])
+def test_unet_frame_embedding_gives_frame_dependent_outputs_and_leaves_images_alone(kind):
     torch.manual_seed(0)
     net = FactorizedUNet(
         channels=(16, 32), attention_levels=(False, True), temporal_levels=(True, True),
-        context_dim=32, pooled_dim=32, temporal=OPS["attention"], frame_embedding=True,
+        context_dim=32, pooled_dim=32, temporal=OPS["attention"], frame_embedding=kind,
     )  # fmt: skip
     randomize_(net)
     t, cond = torch.tensor([3, 700]), {"context": torch.randn(2, 5, 32), "pooled": torch.randn(2, 32)}
