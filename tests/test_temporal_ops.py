@@ -12,6 +12,7 @@ from torch import nn
 from lit_models.nets import (
     AlphaMixed,
     FactorizedUNet,
+    SpaceTimeAttention,
     SwappedCrossAttention,
     TemporalAttention,
     TemporalConv,
@@ -26,6 +27,7 @@ OPS = {
     "shift": TemporalShift,
     "causal_attention": partial(TemporalAttention, heads=4, causal=True),
     "swapped_cross_attention": partial(SwappedCrossAttention, heads=4),
+    "spacetime_attention": partial(SpaceTimeAttention, heads=2),
     "alpha_attention": partial(AlphaMixed, op=partial(TemporalAttention, heads=4)),
     "alpha_shift": partial(AlphaMixed, op=TemporalShift),
 }
@@ -113,6 +115,35 @@ def test_unet_frame_embedding_gives_frame_dependent_outputs_and_leaves_images_al
     joint = net(torch.cat([still, image], dim=2), t, **cond, image_frames=torch.tensor([[False] * 4 + [True]] * 2))
     torch.testing.assert_close(joint[:, :, 4:], net(image, t, **cond), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(joint[:, :, :4], out, atol=1e-4, rtol=1e-4)
+
+
+def test_space_time_attention_reads_other_positions_of_other_frames():
+    """What the factorized ops cannot do: frame 0 at one position changes frame 1 at another."""
+    torch.manual_seed(0)
+    op = OPS["spacetime_attention"](16)
+    randomize_(op)
+    x = torch.randn(1, 2, 16, 3, 3)
+    moved = x.clone()
+    moved[0, 0, :, 0, 0] += torch.randn(16)  # frame 0, top-left corner
+    before, after = (op(v.flatten(0, 1), 2).view_as(x) for v in (x, moved))
+    assert (after[0, 1, :, 2, 2] - before[0, 1, :, 2, 2]).abs().max() > 1e-3  # frame 1, bottom-right
+    factorized = OPS["attention"](16)
+    randomize_(factorized)
+    before, after = (factorized(v.flatten(0, 1), 2).view_as(x) for v in (x, moved))
+    torch.testing.assert_close(after[0, 1, :, 2, 2], before[0, 1, :, 2, 2])
+
+
+def test_space_time_rope_depends_only_on_offsets():
+    """Rotary scores: shifting query and key by the same space-time offset keeps the score."""
+    from lit_models.nets.temporal import space_time_rope
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 12).expand(1, 1, 4 * 3 * 3, 12), torch.randn(1, 1, 1, 12).expand(1, 1, 4 * 3 * 3, 12)
+    rope = space_time_rope(4, 3, 3, 12, theta=100.0, device=torch.device("cpu"))
+    scores = (apply_rotary_emb(q, rope)[0, 0] @ apply_rotary_emb(k, rope)[0, 0].T).view(4, 3, 3, 4, 3, 3)
+    torch.testing.assert_close(scores[0, 0, 0, 1, 1, 0], scores[2, 1, 2, 3, 2, 2])  # offset (+1 frame, +1 row, -2 cols)
+    assert not torch.allclose(scores[0, 0, 0, 1, 1, 0], scores[0, 0, 0, 1, 0, 1])
 
 
 @pytest.mark.parametrize("name", ["causal_attention"])

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+from diffusers.models.embeddings import SinusoidalPositionalEmbedding, apply_rotary_emb, get_1d_rotary_pos_embed
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -169,6 +169,82 @@ class TemporalConv(nn.Module):
             h = h * rearrange(video, "b f -> b 1 1 f 1").to(h.dtype)  # images feed nothing to neighbours
         out = self.conv(rearrange(h, "b h w f c -> (b h w) c f"))  # (B*H*W, C, F)
         delta = rearrange(out, "(b h w) c f -> (b f) c h w", h=height, w=width)
+        return x + delta if video is None else keep_image_frames(x, delta, video)
+
+
+def space_time_rope(num_frames: int, height: int, width: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Rotary embeddings `(cos, sin)`, each `(F*H*W, head_dim)`, of the (frame, row, column) of
+    every position of a clip in `(f h w)` order: diffusers' 1D rotary embedding per axis,
+    concatenated over the head dimension (as CogVideoX and HunyuanVideo do). Rows and columns get
+    `2 * (head_dim // 6)` dimensions each, frames the rest."""
+    spatial = 2 * (head_dim // 6)
+    temporal = head_dim - 2 * spatial
+    if spatial < 2 or temporal < 2 or temporal % 2:
+        raise ValueError(f"space-time rotary embeddings need an even head width of at least 6, got {head_dim}")
+    frames, rows, cols = torch.meshgrid(
+        torch.arange(num_frames, device=device), torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij"
+    )
+    parts = [
+        get_1d_rotary_pos_embed(dim, positions.flatten().float(), theta=theta, use_real=True)
+        for dim, positions in ((temporal, frames), (spatial, rows), (spatial, cols))
+    ]
+    return torch.cat([cos for cos, _ in parts], dim=-1), torch.cat([sin for _, sin in parts], dim=-1)
+
+
+class SpaceTimeAttention(nn.Module):
+    """Full self-attention over all F*H*W positions of a clip with 3D rotary position
+    embeddings (the joint space-time attention of CogVideoX and Latte's variant 1), as a
+    zero-initialised residual.
+
+    Factorized temporal ops mix frames at one spatial position only, so a digit that moves
+    between frames leaves the position the op can see; here a position attends to every
+    position of every frame, and rotary embeddings make the score depend on the space-time
+    offset between query and key, so features that the caption shaped can prefer "the previous
+    frame, one step to the left". Quadratic in F*H*W: keep it on small feature maps.
+
+    Args:
+        channels: feature width.
+        heads: attention heads; `channels / heads` must be even and at least 6.
+        rope_theta: base of the rotary frequencies; small grids (a few positions per axis)
+            want a small base, so that neighbouring offsets differ in angle.
+        frame_positions: also add sinusoidal encodings of the absolute frame index, as in
+            `TemporalAttention`.
+        max_frames: longest clip `frame_positions` covers.
+    """
+
+    def __init__(self, channels: int, heads: int = 4, rope_theta: float = 100.0, frame_positions: bool = False, max_frames: int = 64) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"SpaceTimeAttention: channels={channels} is not divisible by heads={heads}")
+        self.heads = heads
+        self.rope_theta = rope_theta
+        space_time_rope(1, 1, 1, channels // heads, rope_theta, torch.device("cpu"))  # fail at construction on a bad width
+        self.norm = nn.LayerNorm(channels)
+        self.positions = frame_position_encoding(channels, max_frames, frame_positions)
+        self.to_qkv = nn.Linear(channels, 3 * channels, bias=False)
+        self.to_out = zero_init(nn.Linear(channels, channels))
+
+    @property
+    def output_layer(self) -> nn.Module:
+        return self.to_out
+
+    def forward(self, x: Tensor, num_frames: int, image_frames: Tensor | None = None) -> Tensor:
+        if num_frames == 1:
+            return x
+        height, width = x.shape[-2:]
+        h = add_frame_positions(self.norm(rearrange(x, "(b f) c h w -> b (h w) f c", f=num_frames)), self.positions)
+        h = rearrange(h, "b (h w) f c -> b (f h w) c", h=height)
+        q, k, v = rearrange(self.to_qkv(h), "b n (three m d) -> three b m n d", three=3, m=self.heads)
+        rope = space_time_rope(num_frames, height, width, q.shape[-1], self.rope_theta, x.device)
+        q, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
+        video = None if image_frames is None else video_frames_mask(image_frames, x.shape[0], num_frames, x.device)
+        mask = None
+        if video is not None:  # frame-level mask, repeated over the positions of each frame
+            allowed = frame_attention_mask(video, causal=False)  # (B, F, F)
+            mask = allowed.repeat_interleave(height * width, 1).repeat_interleave(height * width, 2)[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, F*H*W, d)
+        out = self.to_out(rearrange(out, "b m n d -> b n (m d)"))
+        delta = rearrange(out, "b (f h w) c -> (b f) c h w", f=num_frames, h=height)
         return x + delta if video is None else keep_image_frames(x, delta, video)
 
 
