@@ -75,6 +75,8 @@ class OpenClipTextEncoder(nn.Module):
         freeze_token_embedding: when trainable, keep the 49408-row token table fixed. On a
             CPU, AdamW's dense update of that table costs more than the rest of a tiny tower;
             random fixed token vectors stay distinguishable and the layers above learn.
+        weights: a checkpoint whose `text_encoder.*` entries are this tower (the caption-clip
+            pretraining stage, `lit_models/text_pretraining.py`), loaded after building it.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class OpenClipTextEncoder(nn.Module):
         embed_dim: int | None = None,
         trainable: bool = False,
         freeze_token_embedding: bool = False,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
         if text_cfg is not None:
@@ -105,12 +108,25 @@ class OpenClipTextEncoder(nn.Module):
                 f"OpenClipTextEncoder: text tower vocab_size={self.text.vocab_size} is smaller than the "
                 f"tokenizer's vocabulary ({vocab_size})"
             )
+        if weights is not None:
+            self.load_pretrained(weights)
         self.trainable = trainable
         if not trainable:
             self.requires_grad_(False)
             self.eval()
         elif freeze_token_embedding:
             self.text.token_embedding.requires_grad_(False)
+
+    def load_pretrained(self, path: str) -> None:
+        """Load the tower from a checkpoint's `text_encoder.*` entries."""
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for missing or foreign files
+            raise ValueError(f"OpenClipTextEncoder: cannot read weights {path}: {error}") from None
+        state = _strip_prefix(checkpoint.get("state_dict", checkpoint), "text_encoder.")
+        if not state:
+            raise ValueError(f"OpenClipTextEncoder: {path} holds no text_encoder.* weights")
+        self.load_state_dict(state)
 
     @property
     def token_dim(self) -> int:

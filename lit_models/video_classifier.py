@@ -31,7 +31,7 @@ from lit_models.metrics import DIRECTIONS, cache_dir
 NUM_FRAMES = 8  # the quickstart's clips: data.num_frames, data.frame_stride, data.size
 FRAME_STRIDE = 2
 SIZE = 16
-RECIPE_VERSION = 1  # bump when the architecture, the data or the training changes (a new cache file)
+RECIPE_VERSION = 2  # bump when the architecture, the data or the training changes (a new cache file)
 
 
 def real_digit_clips(
@@ -67,36 +67,49 @@ def to_classifier_input(videos: Tensor) -> Tensor:
     return x
 
 
-class DigitVideoClassifier(nn.Module):
-    """Spatio-temporal classifier of moving-digit clips `(B, 1, 8, 16, 16)`: a 2D CNN per
-    frame down to a 4x4 map, a temporal conv over the frames' flattened maps, and a
-    `num_features`-wide feature (what the Frechet distance compares) read by a digit and a
-    direction head.
+class DigitClipEncoder(nn.Module):
+    """Moving-digit clips `(B, 1, 8, 16, 16)` -> `(B, out_features)`: a 2D CNN per frame down
+    to a 4x4 map, a temporal conv over the frames' flattened maps, a linear layer.
 
-    Nothing is pooled over space or time, so the feature keeps where the digit is in each
-    frame and in which order, which is what a direction is made of. Factorized rather than 3D
+    Nothing is pooled over space or time, so the output keeps where the digit is in each frame
+    and in which order, which is what a direction is made of. Factorized rather than 3D
     convolutions: a third of the CPU time for the same accuracy.
     """
 
-    def __init__(self, width: int = 16, num_features: int = 64) -> None:
+    def __init__(self, out_features: int = 64, width: int = 16) -> None:
         super().__init__()
-        self.num_features = num_features  # read by torchmetrics' FrechetInceptionDistance
         self.frame_convs = nn.Sequential(
             nn.Conv2d(1, width, 3, padding=1), nn.GroupNorm(4, width), nn.SiLU(),  # (16, 16)
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(4, 2 * width), nn.SiLU(),  # (8, 8)
             nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(4, 2 * width), nn.SiLU(),  # (4, 4)
         )  # fmt: skip
         self.temporal_conv = nn.Sequential(nn.Conv1d(2 * width * 16, 128, 3, padding=1), nn.SiLU())
-        self.to_features = nn.Sequential(nn.Linear(128 * NUM_FRAMES, num_features), nn.SiLU())
+        self.out = nn.Linear(128 * NUM_FRAMES, out_features)
+
+    def forward(self, videos: Tensor) -> Tensor:
+        if videos.shape[1:] != (1, NUM_FRAMES, SIZE, SIZE):
+            raise ValueError(f"DigitClipEncoder reads (B, 1, {NUM_FRAMES}, {SIZE}, {SIZE}) clips, got {tuple(videos.shape)}")
+        frames = self.frame_convs(rearrange(videos, "b c f h w -> (b f) c h w"))  # (B*F, 2W, 4, 4)
+        h = self.temporal_conv(rearrange(frames, "(b f) c h w -> b (c h w) f", f=NUM_FRAMES))  # (B, 128, F)
+        return self.out(h.flatten(1))
+
+
+class DigitVideoClassifier(nn.Module):
+    """Spatio-temporal classifier of moving-digit clips `(B, 1, 8, 16, 16)`: a
+    `DigitClipEncoder` to a `num_features`-wide feature (what the Frechet distance compares),
+    read by a digit and a direction head."""
+
+    def __init__(self, width: int = 16, num_features: int = 64) -> None:
+        super().__init__()
+        self.num_features = num_features  # read by torchmetrics' FrechetInceptionDistance
+        self.encoder = DigitClipEncoder(num_features, width)
         self.digit_head = nn.Linear(num_features, 10)
         self.direction_head = nn.Linear(num_features, len(DIRECTIONS))
         self.held_out_accuracy: dict[str, float] = {}
 
     def features(self, videos: Tensor) -> Tensor:
         """`(B, num_features)` for clips `(B, 1, 8, 16, 16)` in [-1, 1]."""
-        frames = self.frame_convs(rearrange(videos, "b c f h w -> (b f) c h w"))  # (B*F, 2W, 4, 4)
-        h = self.temporal_conv(rearrange(frames, "(b f) c h w -> b (c h w) f", f=videos.shape[2]))  # (B, 128, F)
-        return self.to_features(h.flatten(1))
+        return F.silu(self.encoder(videos))
 
     def forward(self, videos: Tensor) -> Tensor:
         # torchmetrics calls the feature extractor as a module: features, not logits.
