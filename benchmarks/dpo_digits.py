@@ -51,11 +51,11 @@ def run(cmd: list[str], log: Path) -> None:
 @torch.no_grad()
 def evaluate(ckpt: Path, prompts: list[str], samples_per_prompt: int, seed: int, steps: int, guidance: float,
              batch_size: int = 64) -> dict[str, float]:
-    from lit_models.base_models import load_effvid_module
+    from lit_models.bundle import load_run_module
     from lit_models.metrics import parse_digit_caption, score_digit_videos
     from lit_models.rewards import digit_reward
 
-    module = load_effvid_module(ckpt)
+    module = load_run_module(ckpt)
     expanded = [p for p in prompts for _ in range(samples_per_prompt)]
     rewards, videos = [], []
     for index, start in enumerate(range(0, len(expanded), batch_size)):
@@ -131,7 +131,7 @@ def main() -> None:
         run_id = f"{objective}-digits-{stamp}"
         run_ids[objective] = run_id
         run([sys.executable, "-m", "experiments.train", "experiment=dpo_digits", f"run_id={run_id}",
-             f"runs_dir={runs_dir}", f"base_ckpt={args.base}", f"pairs_dir={pairs}",
+             f"runs_dir={runs_dir}", f"pretrained={args.base}", f"pairs_dir={pairs}",
              f"paradigm.objective={objective}", f"paradigm.beta={args.beta}", f"paradigm.optimizer.lr={args.lr}",
              f"paradigm.error_space={args.error_space}", f"paradigm.sample_steps={args.sample_steps}",
              f"paradigm.guidance_scale={args.guidance}",

@@ -41,14 +41,16 @@ def digit_prompts(count: int, first: int = 0) -> list[str]:
     return [f"a handwritten {i % 10} moving {directions[(i * 3) % len(directions)]}" for i in range(first, first + count)]
 
 
-def real_frames(data_root: str, run_cfg: Any, limit: int) -> torch.Tensor:
-    """Up to `limit` held-out clips `(N, C, F, H, W)` from the run's validation shards."""
-    from hydra.utils import instantiate
+def real_frames(data_root: str, run_cfg: Any, limit: int, where: str) -> torch.Tensor:
+    """Up to `limit` held-out clips `(N, C, F, H, W)` from the run's validation shards
+    (`run_cfg` is the config stored in checkpoint `where`)."""
     from omegaconf import OmegaConf
+
+    from lit_models.trusted_config import instantiate_trusted
 
     data_cfg = OmegaConf.to_container(run_cfg.data, resolve=False)
     cfg = OmegaConf.create({"data": data_cfg, "data_root": data_root, "seed": 0})
-    datamodule = instantiate(cfg.data, num_workers=0)
+    datamodule = instantiate_trusted(cfg.data, where, num_workers=0)
     datamodule.setup("fit")
     clips = []
     for batch in datamodule.val_dataloader():
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> None:
             for name, value in torch.load(cache, weights_only=True).items():
                 setattr(fid, name, value)
         else:
-            real = real_frames(args.data_root, run_cfg, args.fid_real_clips)
+            real = real_frames(args.data_root, run_cfg, args.fid_real_clips, str(ckpt))
             for chunk in video_frames_uint8(real, args.fid_frames).split(32):
                 fid.update(chunk, real=True)
             torch.save({name: getattr(fid, name) for name in REAL_STATES}, cache)

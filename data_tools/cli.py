@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.curation_cli import add_curation_commands, run_curate, run_inspect
+from data_tools.atomic_files import WriteError
 from data_tools.curation_config import CurationConfigError
+from data_tools.mp4_header import DEFAULT_MAX_DECODE_PIXELS
 from data_tools.pairs import PairInputError
 from data_tools.probe import ProbeError
 from data_tools.shards import ShardInputError
@@ -109,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", required=True, type=Path, help="folder for shard-NNNNNN.tar, manifests and _stats.json")
         sub.add_argument("--shard-size", type=_positive_int, default=256, help="inputs per shard (default 256)")
         sub.add_argument("--workers", type=_positive_int, default=default_workers(), help="processes (default min(4, CPUs))")
+    commands.choices["shard"].add_argument(
+        "--max-decode-pixels", type=_positive_int, default=DEFAULT_MAX_DECODE_PIXELS,
+        help="refuse a video whose header declares more pixels than this (width x height x frames), before "
+             "decoding it: training would have to (default 2^28 = 268435456)")
     commands.choices["images"].add_argument(
         "--image-format", choices=("keep", "jpg"), default="keep",
         help="keep: store each file's bytes (PNG stays .png); jpg: re-encode to JPEG like img2dataset (default keep)")
@@ -135,7 +141,7 @@ examples:
   effvid-data encode --input data/digits/shards/train --out data/digits/encoded/train \\
       experiment=magicvideo +autoencoder=digits paradigm.autoencoder.weights=runs/VAE/checkpoints/last.ckpt --skip-text
   effvid-data encode --input data/digits/shards/train --out data/digits/encoded/train \\
-      experiment=lora_t2v base_ckpt=runs/base-digits/checkpoints/last.ckpt
+      experiment=lora_t2v pretrained=runs/base-digits
 """
 
 
@@ -150,6 +156,12 @@ def _add_encode_parser(commands: argparse._SubParsersAction) -> None:
     encode.add_argument("--batch-size", type=_positive_int, default=32, help="clips per encoder batch (default 32)")
     encode.add_argument("--max-frames", type=_positive_int, default=256, help="frames per VAE call (default 256)")
     encode.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    encode.add_argument("--max-decode-pixels", type=_positive_int, default=None,
+                        help="skip clips declaring more pixels than this (width x height x frames) before decoding "
+                             "(default: the config's data.max_decode_pixels, else 2^28)")
+    encode.add_argument("--trust-target", action="append", default=[], metavar="PATH",
+                        help="a class of your own that --run's config or a base checkpoint may name as _target_ "
+                             "(repeatable); any other target outside effvid's builders is refused")
     encode.add_argument("overrides", nargs="*", help="effvid-train config overrides, e.g. experiment=magicvideo")
 
 
@@ -158,9 +170,14 @@ def _encode_config(args: argparse.Namespace) -> Any:
 
     if args.run is not None:
         from experiments.run_dir import find_run_dir, runs_root
+        from lit_models.trusted_config import check_trusted
 
         run_dir = find_run_dir(args.run, runs_root())
-        return OmegaConf.merge(OmegaConf.load(run_dir / "config.yaml"), OmegaConf.from_dotlist(args.overrides))
+        cfg = OmegaConf.merge(OmegaConf.load(run_dir / "config.yaml"), OmegaConf.from_dotlist(args.overrides))
+        for key in ("model", "paradigm"):  # what build_model instantiates: a run folder is data
+            if cfg.get(key) is not None:
+                check_trusted(cfg[key], str(run_dir / "config.yaml"), extra=args.trust_target)
+        return cfg
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="experiments.conf", version_base="1.3"):
@@ -173,14 +190,20 @@ def _run_encode(args: argparse.Namespace) -> None:
     from hydra.errors import HydraException
 
     from data_tools.encode import EncodeInputError, encode_shards
+    from data_tools.mp4_header import DEFAULT_MAX_DECODE_PIXELS
+    from experiments.run_dir import RunError
     from experiments.train import build_model
+    from lit_models.trusted_config import UntrustedConfigError, trust_command_line_targets
 
+    trust_command_line_targets(args.trust_target)  # also for a base checkpoint the overrides name
     try:
         cfg = _encode_config(args)
         L.seed_everything(cfg.seed, verbose=False)  # as effvid-train: random-initialised encoders match
         model = build_model(cfg)
     except HydraException as error:
         raise UsageError(f"config: {error}") from None
+    except (RunError, UntrustedConfigError) as error:
+        raise UsageError(str(error)) from None
     autoencoder = getattr(model, "autoencoder", None)
     text_encoder = None if args.skip_text else getattr(model, "text_encoder", None)
     if text_encoder is not None and getattr(text_encoder, "trainable", False):
@@ -192,7 +215,10 @@ def _run_encode(args: argparse.Namespace) -> None:
     try:
         stats = encode_shards(args.input, args.out, autoencoder, text_encoder, size=cfg.data.get("size"),
                               channels=cfg.data.get("channels", 3), batch_size=args.batch_size,
-                              max_frames=args.max_frames, dtype=args.dtype, device=device)
+                              max_frames=args.max_frames, dtype=args.dtype, device=device,
+                              num_frames=cfg.data.get("num_frames"), frame_stride=cfg.data.get("frame_stride", 1),
+                              max_decode_pixels=args.max_decode_pixels or cfg.data.get("max_decode_pixels",
+                                                                                       DEFAULT_MAX_DECODE_PIXELS))
     except EncodeInputError as error:
         raise UsageError(str(error)) from None
     parts = [name for name, module in (("latents", autoencoder), ("text embeddings", text_encoder)) if module is not None]
@@ -231,11 +257,16 @@ def _add_pairs_parser(commands: argparse._SubParsersAction) -> None:
     pairs.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the run's)")
     pairs.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the run's)")
     pairs.add_argument("--shard-size", type=_positive_int, default=256, help="pairs per shard (default 256)")
+    pairs.add_argument("--trust-target", action="append", default=[], metavar="PATH",
+                       help="a class of your own the checkpoint's config may name as _target_ (repeatable); "
+                            "any other target outside effvid's builders is refused (a checkpoint is data)")
 
 
 def _run_pairs(args: argparse.Namespace) -> None:
     from data_tools.pairs import generate_pairs, pairs_from_table, read_prompts, write_pair_shards
+    from lit_models.trusted_config import trust_command_line_targets
 
+    trust_command_line_targets(args.trust_target)
     if args.table is not None:
         pairs = pairs_from_table(args.table)
     else:
@@ -247,11 +278,12 @@ def _run_pairs(args: argparse.Namespace) -> None:
             raise UsageError(f"unknown --reward {args.reward!r}; choose one of {sorted(REWARDS)}")
         pairs = generate_pairs(args.ckpt, read_prompts(args.prompts), args.per_prompt, REWARDS[args.reward],
                                seed=args.seed, batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance)
-    from lit_models.base_models import BaseCheckpointError
+    from lit_models.bundle import BundleError
+    from lit_models.trusted_config import UntrustedConfigError
 
     try:
         stats = write_pair_shards(pairs, args.out, shard_size=args.shard_size)
-    except BaseCheckpointError as error:  # a bad --ckpt surfaces when the first pair is drawn
+    except (BundleError, UntrustedConfigError) as error:  # a bad --ckpt surfaces when the first pair is drawn
         raise PairInputError(str(error)) from None
     print(f"wrote {stats['pairs']} pairs to {stats['shards']} shards in {args.out}")
 
@@ -284,7 +316,8 @@ def _run_shards(args: argparse.Namespace) -> None:
         stats = shard_images(args.input, args.out, shard_size=args.shard_size, workers=args.workers, progress=True,
                              image_format=args.image_format)
     else:
-        stats = shard_videos(args.input, args.out, shard_size=args.shard_size, workers=args.workers, progress=True)
+        stats = shard_videos(args.input, args.out, shard_size=args.shard_size, workers=args.workers, progress=True,
+                             max_decode_pixels=args.max_decode_pixels)
     print(
         f"wrote {stats['written']} of {stats['inputs']} samples to {stats['shards']} shards in {args.out} "
         f"({stats['shards_skipped']} already complete, {stats['failed']} failed) in {stats['seconds']:.1f} s"
@@ -310,6 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             NotADirectoryError, PermissionError) as error:
         print(f"effvid-data {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except WriteError as error:  # e.g. a full disk: named once, no temp file left; re-running resumes
+        print(f"effvid-data {args.command}: error: {error.strerror}; finished shards are kept, re-run to continue",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,6 +12,7 @@ holds the same clips as an uninterrupted run.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -22,11 +23,12 @@ import numpy as np
 
 from data_tools.atomic_files import write_atomic
 from data_tools.captions import CaptionError, read_sidecar_caption, read_table, table_captions
-from data_tools.clips import ClipSpan, extract_clips, plan_clips
+from data_tools.clips import ClipSpan, extract_clips, output_size, plan_clips
 from data_tools.curation_config import CurationConfig, config_to_dict
 from data_tools.dedup import PerceptualDedup
 from data_tools.executors import map_ordered
 from data_tools.filters import bounds_violation, opencv_scores
+from data_tools.mp4_header import DeclaredSize, declared_size, over_budget
 from data_tools.probe import ProbeError
 from data_tools.scenes import VideoScan, scan_video
 from data_tools.shards import ShardInputError, write_planned_shards
@@ -71,7 +73,11 @@ def list_curation_inputs(spec: str | Path, config: CurationConfig) -> list[Curat
             raise ShardInputError(str(error)) from error
         paths = [str((spec.parent / row[captions.path_column]).resolve()) for row in rows if row[captions.path_column]]
     else:
-        lines = spec.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = spec.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise ShardInputError(f"input list {spec} is not UTF-8 text (byte {error.start}: "
+                                  f"{error.object[error.start:error.start + 1]!r}); save it as UTF-8") from None
         paths = [str((spec.parent / line.strip()).resolve()) for line in lines if line.strip() and not line.startswith("#")]
     if not paths:
         raise ShardInputError(f"input list {spec} names no videos")
@@ -131,6 +137,23 @@ def _filter_reason(scores: dict[str, Any], config: CurationConfig) -> str | None
     return None
 
 
+def _over_decode_budget(path: str, config: CurationConfig) -> str | None:
+    """Why an input is too large to decode, from its mp4 header: one source frame, or one
+    clip at output size and rate, over `clips.max_decode_pixels`. Other containers pass."""
+    clips = config.clips
+    declared = declared_size(path) if Path(path).suffix.lower() in (".mp4", ".m4v", ".mov") else None
+    if declared is None or clips.max_decode_pixels is None:
+        return None
+    if (problem := over_budget(declared, clips.max_decode_pixels, frames=1)) is not None:
+        return f"{problem} for one frame (clips.max_decode_pixels)"
+    width, height = output_size(declared.width, declared.height, clips.short_side)
+    frames = math.ceil(clips.max_seconds * clips.fps) if clips.fps is not None else declared.frames
+    clip = DeclaredSize(width, height, frames)
+    if (problem := over_budget(clip, clips.max_decode_pixels)) is not None:
+        return f"a clip of it at output size {problem.removeprefix('declares ')} (clips.max_decode_pixels)"
+    return None
+
+
 def process_input(item: CurateInput, config: CurationConfig) -> list[ClipRecord]:
     """All clip records of one input video: kept ones with their mp4 bytes, dropped ones with
     the reason. A broken input gives one failed record naming the cause."""
@@ -138,6 +161,8 @@ def process_input(item: CurateInput, config: CurationConfig) -> list[ClipRecord]
         caption = _caption(item, config)
     except CaptionError as error:
         return [ClipRecord(key=item.key, source=item.path, status=FAILED, reason=f"caption: {error}")]
+    if (problem := _over_decode_budget(item.path, config)) is not None:
+        return [ClipRecord(key=item.key, source=item.path, status=FAILED, reason=f"too large: {problem}")]
     try:
         scan = scan_video(item.path, config.cuts)
     except ProbeError as error:

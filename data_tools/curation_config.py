@@ -33,6 +33,8 @@ class ClipsConfig:
     short_side: int | None = 256  # output short side in pixels, never upscaled (null: keep)
     crf: int = 23  # H.264 quality of the re-encoded clips
     preset: str = "medium"  # libx264 speed preset: ultrafast .. veryslow (faster = larger files)
+    max_decode_pixels: int | None = 2**28  # a source frame, and a clip at output size, over this many
+    # pixels (width x height [x frames]) is refused before decoding (null: no limit)
 
 
 @dataclass

@@ -2,8 +2,10 @@
 runs neither the VAE nor the text encoder (both frozen) at every step.
 
 One output shard per input shard, same name, each written as `.tmp` and renamed: a killed
-run resumes at the first missing shard. Every frame of a clip is encoded (the VAE works per
-frame), so the datamodule still draws a random start and stride from the latents.
+run resumes at the first missing shard. With a per-frame VAE every frame of a clip is encoded,
+so the datamodule still draws a random start and stride from the latents; a video VAE (the
+pretrained families' temporal compression) encodes the training clip itself, the first
+`num_frames` frames at `frame_stride`, and the datamodule takes those latents whole.
 Per sample: `KEY.latent.npy` `(c, F, h, w)`, `KEY.text.npz` (`tokens` `(L, D)`, `pooled`
 `(P,)`, `mask` `(L,)`), `KEY.txt`, `KEY.json`. The folder's `_encoder.json` names the
 encoders by weight fingerprint; `EncodedShardDataModule` and the paradigm check it.
@@ -24,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_tools.atomic_files import write_atomic
+from data_tools.atomic_files import STORAGE_ERRNOS, write_atomic, write_error
+from data_tools.mp4_header import DEFAULT_MAX_DECODE_PIXELS
 from data_tools.shards import STATS_NAME, TAR_MTIME
 from lit_models.encoded_inputs import ENCODER_INFO_NAME, autoencoder_info, read_encoder_info, text_encoder_info
 
@@ -45,19 +48,33 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def encoded_settings(autoencoder: Any, text_encoder: Any, size: int | None, channels: int, dtype: str) -> dict[str, Any]:
-    """The `_encoder.json` payload: encoders (None where skipped) and decoding settings."""
-    return {
+def encoded_settings(autoencoder: Any, text_encoder: Any, size: int | None, channels: int, dtype: str,
+                     clip: dict[str, int] | None = None) -> dict[str, Any]:
+    """The `_encoder.json` payload: encoders (None where skipped), decoding settings, and for a
+    video VAE the clip its latents encode (`num_frames`, `frame_stride`)."""
+    settings = {
         "autoencoder": autoencoder_info(autoencoder) if autoencoder is not None else None,
         "text_encoder": text_encoder_info(text_encoder) if text_encoder is not None else None,
         "size": size,
         "channels": channels,
         "dtype": dtype,
     }
+    if clip is not None:
+        settings["clip"] = clip
+    return settings
+
+
+def clip_of(autoencoder: Any, num_frames: int | None, frame_stride: int) -> dict[str, int] | None:
+    """The clip a video VAE's latents must encode (None for a per-frame VAE)."""
+    if autoencoder is None or getattr(autoencoder, "temporal_downscale", 1) == 1:
+        return None
+    if num_frames is None:
+        raise EncodeInputError("a video VAE encodes whole training clips: data.num_frames must be set")
+    return {"num_frames": int(num_frames), "frame_stride": int(frame_stride)}
 
 
 def _decoded_batches(url: str, size: int | None, channels: int, skipped: Any, timeout: float | None,
-                     batch_size: int) -> Iterator[list[dict[str, Any]]]:
+                     batch_size: int, max_pixels: int | None) -> Iterator[list[dict[str, Any]]]:
     """Every sample of one video shard decoded whole (all frames, first to last), in lists of
     up to `batch_size`."""
     import webdataset as wds
@@ -65,7 +82,7 @@ def _decoded_batches(url: str, size: int | None, channels: int, skipped: Any, ti
     from datamodules.video_shards import CountTarErrors, DecodeSamples, SelectFiles
 
     stage = DecodeSamples(None, skipped, caption_key="txt", seed=0, num_frames=None, stride=1, random_start=False,
-                          size=size, channels=channels, timeout=timeout)
+                          size=size, channels=channels, timeout=timeout, max_pixels=max_pixels)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([url]),
         wds.tarfile_to_samples(handler=CountTarErrors(skipped), select_files=SelectFiles({"mp4", "json", "txt"})),
@@ -77,11 +94,17 @@ def _decoded_batches(url: str, size: int | None, channels: int, skipped: Any, ti
 
 @torch.no_grad()
 def _encode_batch(samples: list[dict[str, Any]], autoencoder: Any, text_encoder: Any, device: torch.device,
-                  max_frames: int, dtype: np.dtype) -> list[dict[str, bytes]]:
+                  max_frames: int, dtype: np.dtype, clip: dict[str, int] | None = None) -> list[dict[str, bytes]]:
     out: list[dict[str, Any]] = [
         {"__key__": s["key"], "txt": s["caption"].encode("utf-8")} for s in samples
     ]
-    if autoencoder is not None:
+    if autoencoder is not None and clip is not None:  # a video VAE: one training clip per sample
+        span = (clip["num_frames"] - 1) * clip["frame_stride"] + 1
+        for entry, sample in zip(out, samples):
+            frames = sample["video"][:, :span : clip["frame_stride"]]  # (C, num_frames, H, W)
+            latent = autoencoder.encode(frames[None].to(device))[0].cpu()  # (c, f, h, w)
+            entry["latent.npy"] = array_bytes(latent.numpy().astype(dtype))
+    elif autoencoder is not None:
         frames = torch.cat([s["video"] for s in samples], dim=1)  # (C, sum F, H, W)
         latents = torch.cat([
             autoencoder.encode(chunk[None].to(device))[0].cpu()  # (c, f, h, w)
@@ -93,11 +116,12 @@ def _encode_batch(samples: list[dict[str, Any]], autoencoder: Any, text_encoder:
     if text_encoder is not None:
         embedding = text_encoder.encode([s["caption"] for s in samples])
         for i, entry in enumerate(out):
-            entry["text.npz"] = npz_bytes(
-                tokens=embedding.tokens[i].cpu().numpy().astype(dtype),  # (L, D)
-                pooled=embedding.pooled[i].cpu().numpy().astype(dtype),  # (P,)
-                mask=embedding.mask[i].cpu().numpy(),  # (L,) bool
-            )
+            arrays = {"tokens": embedding.tokens[i].cpu().numpy().astype(dtype)}  # (L, D)
+            if embedding.pooled is not None:  # a pretrained family's encoder may have none
+                arrays["pooled"] = embedding.pooled[i].cpu().numpy().astype(dtype)  # (P,)
+            if embedding.mask is not None:
+                arrays["mask"] = embedding.mask[i].cpu().numpy()  # (L,) bool
+            entry["text.npz"] = npz_bytes(**arrays)
     for entry, sample in zip(out, samples):
         meta = dict(sample["meta"], encoded_frames=int(sample["video"].shape[1]))
         entry["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
@@ -117,9 +141,15 @@ def encode_shards(
     device: str | torch.device = "cpu",
     decode_timeout: float | None = 30,
     progress: bool = True,
+    num_frames: int | None = None,
+    frame_stride: int = 1,
+    max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS,
 ) -> dict[str, Any]:
     """Encode every shard of `input_spec` into `out_dir`; returns the stats (also written to
-    `out_dir/_stats.json`). Shards already encoded (same name present) are kept."""
+    `out_dir/_stats.json`). Shards already encoded (same name present) are kept. `num_frames`
+    and `frame_stride` are the training clip's, which a video VAE encodes whole. A clip that
+    declares more than `max_decode_pixels` pixels (all its frames) is skipped and named before
+    decoding. A failed write removes the shard's temp file and raises `WriteError` naming it."""
     import webdataset as wds
     from tqdm import tqdm
 
@@ -138,7 +168,8 @@ def encode_shards(
     for module in (autoencoder, text_encoder):
         if module is not None:
             module.to(device).eval()
-    settings = encoded_settings(autoencoder, text_encoder, size, channels, dtype)
+    clip = clip_of(autoencoder, num_frames, frame_stride)
+    settings = encoded_settings(autoencoder, text_encoder, size, channels, dtype, clip)
     out_dir.mkdir(parents=True, exist_ok=True)
     existing = read_encoder_info(out_dir)
     if existing is not None and {k: existing.get(k) for k in settings} != settings:
@@ -159,14 +190,22 @@ def encode_shards(
             reused += 1
             continue
         tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as stream, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", SkippedSampleWarning)
-            writer = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME)
-            for batch in _decoded_batches(url, size, channels, skipped, decode_timeout, batch_size):
-                for entry in _encode_batch(batch, autoencoder, text_encoder, device, max_frames, np.dtype(dtype)):
-                    writer.write(entry)
-                written += len(batch)
-            writer.close()
+        try:
+            with open(tmp, "wb") as stream, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", SkippedSampleWarning)
+                writer = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME)
+                for batch in _decoded_batches(url, size, channels, skipped, decode_timeout, batch_size,
+                                              max_decode_pixels):
+                    for entry in _encode_batch(batch, autoencoder, text_encoder, device, max_frames, np.dtype(dtype),
+                                               clip):
+                        writer.write(entry)
+                    written += len(batch)
+                writer.close()
+        except BaseException as error:
+            tmp.unlink(missing_ok=True)  # never leave a half-written shard behind
+            if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+                raise write_error(error, target) from error
+            raise
         for warning in caught:
             if issubclass(warning.category, SkippedSampleWarning):
                 skipped_names.append(str(warning.message))

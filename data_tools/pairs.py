@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_tools.atomic_files import write_atomic
+from data_tools.atomic_files import STORAGE_ERRNOS, write_atomic, write_error
 from data_tools.shards import STATS_NAME, TAR_MTIME, shard_name
 
 
@@ -37,7 +37,11 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise PairInputError(f"prompt file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PairInputError(f"prompt file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise PairInputError(f"prompt file {path} has no prompts")
     return prompts
@@ -80,11 +84,16 @@ def write_pair_shards(pairs: Iterable[PreferencePair], out_dir: str | Path, shar
             })  # fmt: skip
             count += 1
         close()
-    except BaseException:
+    except BaseException as error:
         if writer is not None:
-            writer.close()
-            stream.close()
+            try:
+                writer.close()
+                stream.close()
+            except OSError:
+                pass
             tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS and tmp is not None:
+            raise write_error(error, tmp.with_suffix("")) from error
         raise
     stats = {"pairs": count, "shards": shards, "shard_size": shard_size, "seconds": round(time.perf_counter() - started, 3)}
     write_atomic(out_dir / STATS_NAME, json.dumps(stats, indent=1) + "\n")
@@ -115,12 +124,12 @@ def generate_pairs(
     import torch
 
     from data_tools.video_io import encode_mp4
-    from lit_models.base_models import load_effvid_module
+    from lit_models.bundle import load_run_module
     from lit_models.video_logging import to_uint8_frames
 
     if per_prompt < 2:
         raise PairInputError(f"--per-prompt must be at least 2 to make a pair, got {per_prompt}")
-    module = load_effvid_module(ckpt)
+    module = load_run_module(ckpt)
     expanded = [p for p in prompts for _ in range(per_prompt)]  # prompt-major: K in a row
     videos, scores = [], []
     with torch.inference_mode():
@@ -156,12 +165,15 @@ def pairs_from_table(table: str | Path) -> Iterable[PreferencePair]:
     table = Path(table)
     if not table.is_file():
         raise PairInputError(f"pair table {table} does not exist")
-    with open(table, newline="", encoding="utf-8") as stream:
-        reader = csv.DictReader(stream)
-        missing = {"prompt", "win", "lose"} - set(reader.fieldnames or [])
-        if missing:
-            raise PairInputError(f"pair table {table} lacks columns {sorted(missing)} (has {reader.fieldnames})")
-        rows = list(reader)
+    try:
+        with open(table, newline="", encoding="utf-8") as stream:
+            reader = csv.DictReader(stream)
+            missing = {"prompt", "win", "lose"} - set(reader.fieldnames or [])
+            if missing:
+                raise PairInputError(f"pair table {table} lacks columns {sorted(missing)} (has {reader.fieldnames})")
+            rows = list(reader)
+    except UnicodeDecodeError as error:
+        raise PairInputError(f"pair table {table} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     for line, row in enumerate(rows, start=2):
         videos = {}
         for side in ("win", "lose"):

@@ -10,6 +10,7 @@ renamed when complete; its manifest `shard-NNNNNN.manifest.json` is written afte
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -21,7 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from data_tools.atomic_files import write_atomic
+from data_tools.atomic_files import STORAGE_ERRNOS, write_atomic, write_error
+from data_tools.mp4_header import DEFAULT_MAX_DECODE_PIXELS, declared_size, over_budget
 from data_tools.probe import ProbeError, probe_image, probe_video
 from data_tools.stages import DROPPED, FAILED, ClipRecord, Stage, run_stages
 
@@ -74,8 +76,13 @@ def plan_shards(inputs: Sequence[Path], shard_size: int) -> list[list[Path]]:
 # --- stages -----------------------------------------------------------------------------
 
 
-def probe_video_stage(record: ClipRecord) -> ClipRecord:
-    """Decode the clip; record frames, fps, size, duration and codec, or fail with the reason."""
+def probe_video_stage(record: ClipRecord, max_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS) -> ClipRecord:
+    """Decode the clip; record frames, fps, size, duration and codec, or fail with the reason.
+    A clip whose mp4 header declares more than `max_pixels` pixels (width x height x frames)
+    fails before any frame is decoded: training would have to decode it."""
+    declared = declared_size(record.data if record.data is not None else record.source)
+    if declared is not None and (problem := over_budget(declared, max_pixels)) is not None:
+        return replace(record, status=FAILED, reason=f"too large: {problem}")
     try:
         probe = probe_video(record.source, record.data)
     except ProbeError as error:
@@ -243,11 +250,12 @@ class _PartWriter:
         return self.parts
 
     def abort(self) -> None:
-        try:
-            self.writer.close()
-        finally:
-            self.stream.close()
-            self.tmp.unlink(missing_ok=True)
+        for close in (self.writer.close, self.stream.close):
+            try:
+                close()
+            except OSError:  # e.g. flushing onto a full disk: the file is removed anyway
+                pass
+        self.tmp.unlink(missing_ok=True)
 
 
 class SampleGate(Protocol):
@@ -322,61 +330,65 @@ def write_planned_shards(
     results = process(pending)
     bar = tqdm(total=sum(len(plan[i]) for i in pending), desc="inputs", unit="input", disable=not progress)
     total_written = 0
-    for position, index in enumerate(pending):
-        if gate is not None and position > 0:
-            # Finished shards after a rewritten one come later in input order.
-            for done in range(pending[position - 1] + 1, index):
-                gate.restore(manifests[done])
-        written: list[ClipRecord] = []
-        failed, dropped, inputs = [], [], []
-        tars = _PartWriter(out_dir, index, max_samples, max_bytes)
-        try:
-            for source in sources[index]:
-                records = []
-                input_written = 0
-                for record in next(results):
-                    if record.ok and gate is not None:
-                        record = gate(record)
-                    if record.ok:
-                        try:
-                            sample = _sample(record)
-                        except OSError as error:  # vanished or unreadable since it was probed
-                            record = replace(record, status=FAILED, reason=f"cannot read: {error.strerror or error}")
-                        else:
-                            tars.write(sample)
-                            written.append(record)
-                            records.append(record)
-                            input_written += 1
-                            continue
-                    records.append(record)
-                    entry = {"path": record.source, "key": record.key, "reason": record.reason}
-                    (dropped if record.status == DROPPED else failed).append(entry)
-                    if record.status != DROPPED:
-                        _report(f"effvid-data: skipped {record.source}: {record.reason}")
-                inputs.append(_input_entry(source, records, input_written))
-                total_written += input_written
-                bar.update()
-                rate = total_written / max(bar.format_dict["elapsed"], 1e-6)
-                bar.set_postfix(samples=total_written, samples_per_s=f"{rate:.2f}", refresh=False)
-            parts = tars.close()
-        except BaseException:
-            tars.abort()  # never leave a half-written shard behind
-            raise
-        manifest = {
-            "shard": parts[0]["tar"],
-            "num_samples": len(written),
-            "keys": [r.key for r in written],
-            "sources": sources[index],
-            "inputs": inputs,
-            "failed": failed,
-            "dropped": dropped,
-            "bytes": sum(part["bytes"] for part in parts),
-            "parts": parts,
-            **(gate.manifest_fields(written) if gate is not None else {}),
-        }
-        _write_json_atomic(out_dir / f"{shard_name(index)}.manifest.json", manifest)
-        manifests[index] = manifest
-    bar.close()
+    try:
+        for position, index in enumerate(pending):
+            if gate is not None and position > 0:
+                # Finished shards after a rewritten one come later in input order.
+                for done in range(pending[position - 1] + 1, index):
+                    gate.restore(manifests[done])
+            written: list[ClipRecord] = []
+            failed, dropped, inputs = [], [], []
+            tars = _PartWriter(out_dir, index, max_samples, max_bytes)
+            try:
+                for source in sources[index]:
+                    records = []
+                    input_written = 0
+                    for record in next(results):
+                        if record.ok and gate is not None:
+                            record = gate(record)
+                        if record.ok:
+                            try:
+                                sample = _sample(record)
+                            except OSError as error:  # vanished or unreadable since it was probed
+                                record = replace(record, status=FAILED, reason=f"cannot read: {error.strerror or error}")
+                            else:
+                                tars.write(sample)
+                                written.append(record)
+                                records.append(record)
+                                input_written += 1
+                                continue
+                        records.append(record)
+                        entry = {"path": record.source, "key": record.key, "reason": record.reason}
+                        (dropped if record.status == DROPPED else failed).append(entry)
+                        if record.status != DROPPED:
+                            _report(f"effvid-data: skipped {record.source}: {record.reason}")
+                    inputs.append(_input_entry(source, records, input_written))
+                    total_written += input_written
+                    bar.update()
+                    rate = total_written / max(bar.format_dict["elapsed"], 1e-6)
+                    bar.set_postfix(samples=total_written, samples_per_s=f"{rate:.2f}", refresh=False)
+                parts = tars.close()
+            except BaseException as error:
+                tars.abort()  # never leave a half-written shard behind
+                if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+                    raise write_error(error, out_dir / tars.name) from error
+                raise
+            manifest = {
+                "shard": parts[0]["tar"],
+                "num_samples": len(written),
+                "keys": [r.key for r in written],
+                "sources": sources[index],
+                "inputs": inputs,
+                "failed": failed,
+                "dropped": dropped,
+                "bytes": sum(part["bytes"] for part in parts),
+                "parts": parts,
+                **(gate.manifest_fields(written) if gate is not None else {}),
+            }
+            _write_json_atomic(out_dir / f"{shard_name(index)}.manifest.json", manifest)
+            manifests[index] = manifest
+    finally:
+        bar.close()  # before any error message, which would otherwise share its line
 
     ordered = [manifests[i] for i in range(len(plan))]
     failed_entries = [entry for m in ordered for entry in m.get("failed", [])]
@@ -438,11 +450,14 @@ def image_record(path: Path) -> ClipRecord:
 
 
 def shard_videos(
-    input_dir: str | Path, out_dir: str | Path, shard_size: int = 256, workers: int | None = None, progress: bool = True
+    input_dir: str | Path, out_dir: str | Path, shard_size: int = 256, workers: int | None = None, progress: bool = True,
+    max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS,
 ) -> dict[str, Any]:
-    """Shard every `*.mp4` in `input_dir` (with `.txt` / `.json` sidecars) into `out_dir`."""
+    """Shard every `*.mp4` in `input_dir` (with `.txt` / `.json` sidecars) into `out_dir`; a clip
+    declaring more than `max_decode_pixels` pixels is refused (listed as failed)."""
     inputs = list_inputs(input_dir, VIDEO_SUFFIXES)
-    return write_shards(inputs, out_dir, video_record, VIDEO_STAGES, shard_size, workers, progress)
+    stages = (functools.partial(probe_video_stage, max_pixels=max_decode_pixels), *VIDEO_STAGES[1:])
+    return write_shards(inputs, out_dir, video_record, stages, shard_size, workers, progress)
 
 
 def shard_images(

@@ -3,8 +3,9 @@ shards written by `effvid-data encode`, read with the same exact-resume, equal-b
 as `VideoShardDataModule`.
 
 Frames are drawn from the latents exactly as from the video (the same per-sample start, the
-same stride): the VAE encodes frame by frame, so a slice of a clip's latents is the latent of
-the slice. Arrays are read with `allow_pickle=False`; nothing is unpickled.
+same stride): a per-frame VAE encodes frame by frame, so a slice of a clip's latents is the
+latent of the slice. A video VAE's latents encode one training clip (`clip` in `_encoder.json`)
+and are taken whole. Arrays are read with `allow_pickle=False`; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ class DecodeEncodedSamples(DecodeSamples):
             try:
                 with np.load(io.BytesIO(sample["text.npz"]), allow_pickle=False) as text:
                     out["context"] = torch.from_numpy(text["tokens"].astype(np.float32))  # (L, D)
-                    out["pooled"] = torch.from_numpy(text["pooled"].astype(np.float32))  # (P,)
-                    out["context_mask"] = torch.from_numpy(text["mask"].astype(bool))  # (L,)
+                    if "pooled" in text.files:  # a pretrained family's encoder may give none
+                        out["pooled"] = torch.from_numpy(text["pooled"].astype(np.float32))  # (P,)
+                    if "mask" in text.files:
+                        out["context_mask"] = torch.from_numpy(text["mask"].astype(bool))  # (L,)
             except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
                 raise VideoDecodeError(f"cannot read text.npz of sample {key} in shard {url}: {exc}") from None
         return out
@@ -88,10 +91,14 @@ class EncodedShardDataModule(VideoShardDataModule):
                 f"{folder} has no {ENCODER_INFO_NAME}: not written by effvid-data encode "
                 "(raw video shards go to VideoShardDataModule, data=digits)"
             )
-        for key, value in (("size", self.size), ("channels", self.channels)):
-            if info.get(key) != value:
+        expected = [("size", self.size), ("channels", self.channels)]
+        if info.get("clip") is not None:  # a video VAE's latents encode one whole training clip
+            expected += [("num_frames", self.num_frames), ("frame_stride", self.frame_stride)]
+        for key, value in expected:
+            stored = info["clip"][key] if key in ("num_frames", "frame_stride") else info.get(key)
+            if stored != value:
                 raise EncoderMismatchError(
-                    f"{folder}/{ENCODER_INFO_NAME}: encoded at {key}={info.get(key)} but data.{key}={value}"
+                    f"{folder}/{ENCODER_INFO_NAME}: encoded at {key}={stored} but data.{key}={value}"
                 )
         return info
 
@@ -104,10 +111,11 @@ class EncodedShardDataModule(VideoShardDataModule):
                        getattr(model, "autoencoder", None), getattr(model, "text_encoder", None))
 
     def _decode_stage(self, clock: Any, train: bool) -> DecodeEncodedSamples:
+        whole = getattr(self, "encoder_info", {}).get("clip") is not None  # video-VAE latents: the clip itself
         return DecodeEncodedSamples(
             clock, self._skipped, caption_key=self.caption_key, seed=self.seed,
-            num_frames=self.num_frames, stride=self.frame_stride,
-            random_start=self.random_start and train, size=self.size, channels=self.channels,
+            num_frames=None if whole else self.num_frames, stride=1 if whole else self.frame_stride,
+            random_start=self.random_start and train and not whole, size=self.size, channels=self.channels,
             timeout=None, require_caption=self.require_caption,
         )
 

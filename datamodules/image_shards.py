@@ -24,8 +24,8 @@ import torch
 import webdataset as wds
 from einops import rearrange
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader
 
+from datamodules.loaders import ShardLoader
 from datamodules.shard_lists import ShardSpec, check_enough_shards, resolve_shards
 from datamodules.video_decoding import _resize_center_crop
 from datamodules.video_shards import SelectFiles, SkippedSampleWarning, _warn_and_continue
@@ -176,13 +176,13 @@ class ImageShardDataModule(lightning.LightningDataModule):
             self.setup("fit")
         return self._pipeline(self.train_urls, train=True)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_pipeline(), batch_size=None, num_workers=self.num_workers,
+    def train_dataloader(self) -> ShardLoader:
+        return ShardLoader(self.train_pipeline(), batch_size=None, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> ShardLoader | list:
         if self.val_shards is None:
             return []
         if self.val_urls is None:
             self.setup("validate")
-        return DataLoader(self._pipeline(self.val_urls, train=False), batch_size=None, num_workers=0)
+        return ShardLoader(self._pipeline(self.val_urls, train=False), batch_size=None, num_workers=0)

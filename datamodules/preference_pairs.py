@@ -19,8 +19,8 @@ from typing import Any
 import lightning
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader
 
+from datamodules.loaders import ShardLoader
 from datamodules.shard_lists import ShardSpec, check_enough_shards, resolve_shards
 from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, decode_clip
 
@@ -150,11 +150,11 @@ class PreferencePairDataModule(lightning.LightningDataModule):
             wds.batched(self.val_batch_size, collation_fn=collate_pairs, partial=True),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_pipeline(), batch_size=None, num_workers=self.num_workers,
+    def train_dataloader(self) -> ShardLoader:
+        return ShardLoader(self.train_pipeline(), batch_size=None, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> ShardLoader | list:
         if self.val_shards is None:
             return []
-        return DataLoader(self.val_pipeline(), batch_size=None, num_workers=0)
+        return ShardLoader(self.val_pipeline(), batch_size=None, num_workers=0)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from data_tools.mp4_header import declared_size, over_budget
 from data_tools.video_io import decode_mp4
 
 # ITU-R BT.601 luma weights, the same ones the H.264 encoder used to make Y from RGB.
@@ -36,6 +37,20 @@ class ClipTooShortError(ValueError):
 
 class DecodeTimeoutError(VideoDecodeError):
     """Decoding one sample took longer than the datamodule's `decode_timeout`."""
+
+
+class ClipTooLargeError(VideoDecodeError):
+    """A clip declares more pixels to decode than the decode budget allows, or its frames
+    could not be allocated."""
+
+
+# Frames converted to float at a time: the float copy of a whole long clip is 4x its bytes.
+_CONVERT_FRAMES = 16
+
+
+def _is_allocation_failure(error: BaseException) -> bool:
+    # numpy raises MemoryError; torch's CPU allocator a RuntimeError ("can't allocate memory").
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "allocate" in str(error))
 
 
 @contextlib.contextmanager
@@ -147,31 +162,47 @@ def decode_clip(
     size: int | None,
     channels: int,
     timeout: float | None = None,
+    max_pixels: int | None = None,
 ) -> torch.Tensor:
     """Decode mp4 bytes to a float32 clip `(C, F, H, W)` in [-1, 1].
 
     `size=None` keeps the decoded resolution. `channels` is 3 (RGB) or 1 (luma). Undecodable
     bytes raise `VideoDecodeError` naming `url` and `key`; a too-short clip raises
     `ClipTooShortError` with the same names; decoding longer than `timeout` seconds raises
-    `DecodeTimeoutError`.
+    `DecodeTimeoutError`. A clip whose header declares more than `max_pixels` pixels for the
+    frames to decode (width x height x frames) raises `ClipTooLargeError` before any frame is
+    decoded, as does a failed allocation while decoding.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if max_pixels is not None and (declared := declared_size(data)) is not None:
+        if (problem := over_budget(declared, max_pixels, num_frames)) is not None:
+            raise ClipTooLargeError(f"mp4 of sample {key} in shard {url} {problem}")
     try:
         with decode_deadline(timeout):
             frames = _decode_frames(data, num_frames, stride, random_start, rng)
+        return _to_clip(frames, size, channels)
     except ClipTooShortError as exc:
         raise ClipTooShortError(f"sample {key} in shard {url}: {exc}") from exc
     except DecodeTimeoutError as exc:
         raise DecodeTimeoutError(f"mp4 of sample {key} in shard {url}: {exc}") from None
     except Exception as exc:  # decord raises RuntimeError or DECORDError with long C++ traces
+        if _is_allocation_failure(exc):
+            raise ClipTooLargeError(f"mp4 of sample {key} in shard {url}: cannot allocate memory to decode it") from None
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise VideoDecodeError(f"cannot decode mp4 of sample {key} in shard {url}: {detail}") from exc
-    video = rearrange(torch.from_numpy(frames), "f h w c -> f c h w").float()  # (F, 3, H, W)
-    if channels == 1:
-        weights = torch.tensor(_LUMA_WEIGHTS).view(1, 3, 1, 1)
-        video = (video * weights).sum(dim=1, keepdim=True)  # (F, 1, H, W)
-    if size is not None:
-        video = _resize_center_crop(video, size)  # (F, C, size, size)
-    video = (video / 127.5 - 1.0).clamp_(-1.0, 1.0)
-    return rearrange(video, "f c h w -> c f h w").contiguous()  # (C, F, H, W)
+
+
+def _to_clip(frames: np.ndarray, size: int | None, channels: int) -> torch.Tensor:
+    """uint8 `(F, H, W, 3)` frames -> float32 `(C, F, H, W)` in [-1, 1], converted a few frames
+    at a time so the float copy never holds the whole clip at its decoded size."""
+    chunks = []
+    for chunk in torch.from_numpy(frames).split(_CONVERT_FRAMES):
+        video = rearrange(chunk, "f h w c -> f c h w").float()  # (f, 3, H, W)
+        if channels == 1:
+            weights = torch.tensor(_LUMA_WEIGHTS).view(1, 3, 1, 1)
+            video = (video * weights).sum(dim=1, keepdim=True)  # (f, 1, H, W)
+        if size is not None:
+            video = _resize_center_crop(video, size)  # (f, C, size, size)
+        chunks.append((video / 127.5 - 1.0).clamp_(-1.0, 1.0))
+    return rearrange(torch.cat(chunks), "f c h w -> c f h w").contiguous()  # (C, F, H, W)

@@ -34,8 +34,9 @@ import lightning
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader
 
+from data_tools.mp4_header import DEFAULT_MAX_DECODE_PIXELS
+from datamodules.loaders import ShardLoader
 from datamodules.shard_lists import ShardSpec, check_enough_shards, resolve_shards
 from datamodules.shard_readers import (
     POSITION_KEY,
@@ -107,12 +108,23 @@ def _warn_and_continue(exn: Exception) -> bool:
 
 class CountTarErrors:
     """tar-level error handler like `_warn_and_continue` that also counts the error in the
-    datamodule's skipped counter (a truncated shard loses its remaining samples)."""
+    datamodule's skipped counter (a truncated shard loses its remaining samples).
+
+    webdataset reports one truncation twice: from the member read (message "... @ <file
+    name='SHARD'>") and again from the shard loop (with SHARD as the last argument); the second
+    report of the same shard is neither warned about nor counted again."""
 
     def __init__(self, skipped: Any) -> None:
         self.skipped = skipped
+        self._member_error: str | None = None
 
     def __call__(self, exn: Exception) -> bool:
+        message = str(exn.args[0]) if exn.args else ""
+        url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else None
+        repeated = url is not None and self._member_error is not None and f"name='{url}'" in self._member_error
+        self._member_error = message if " @ " in message else None
+        if repeated:
+            return True
         warnings.warn(f"skipping unreadable shard data: {exn!r}", SkippedSampleWarning, stacklevel=2)
         with self.skipped.get_lock():
             self.skipped.value += 1
@@ -135,12 +147,13 @@ class DecodeSamples:
 
     def __init__(self, clock: _EpochClock | None, skipped: Any, *, caption_key: str, seed: int,
                  num_frames: int | None, stride: int, random_start: bool, size: int | None,
-                 channels: int, timeout: float | None = None, require_caption: bool = False) -> None:
+                 channels: int, timeout: float | None = None, require_caption: bool = False,
+                 max_pixels: int | None = None) -> None:
         self.clock, self.skipped, self.caption_key, self.seed = clock, skipped, caption_key, seed
         self.require_caption = require_caption
         self.random_start = random_start
         self.clip_options = dict(num_frames=num_frames, stride=stride, random_start=random_start,
-                                 size=size, channels=channels, timeout=timeout)
+                                 size=size, channels=channels, timeout=timeout, max_pixels=max_pixels)
 
     def _sample_rng(self, url: str, key: str) -> np.random.Generator | None:
         # Seeded per sample, not per stream, so a resumed reader that skips samples without
@@ -233,6 +246,7 @@ class VideoShardDataModule(lightning.LightningDataModule):
         epoch_samples: int | None = None,
         decode_timeout: float | None = None,
         require_caption: bool = True,
+        max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS,
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
@@ -250,6 +264,7 @@ class VideoShardDataModule(lightning.LightningDataModule):
         self.epoch_samples = epoch_samples
         self.decode_timeout = decode_timeout
         self.require_caption = require_caption
+        self.max_decode_pixels = max_decode_pixels
         self.train_urls: list[str] | None = None
         self.shard_sizes: dict[str, int] | None = None
         self._positions = PositionTracker()
@@ -337,13 +352,29 @@ class VideoShardDataModule(lightning.LightningDataModule):
                     "equal batch counts across readers need; set data.epoch_samples instead"
                 )
             self.shard_sizes = sizes  # type: ignore[assignment]
+            if not any(sizes.values()):
+                raise ValueError(f"the training shards hold no samples: {self._list_shards(self.train_urls)}")
+
+    @staticmethod
+    def _list_shards(urls: list[str], limit: int = 5) -> str:
+        more = f" and {len(urls) - limit} more" if len(urls) > limit else ""
+        return ", ".join(urls[:limit]) + more
+
+    def _empty_epoch_message(self) -> str:
+        readers = max(self.num_workers, 1) * self._world_size()
+        return (
+            f"a pass over the training shards yielded no batch: {self._list_shards(self.train_urls or [])} "
+            f"gave fewer than batch_size={self.batch_size} usable samples per reader ({readers} reader"
+            f"{'s' if readers > 1 else ''}); "
+            "the skipped-sample warnings above name the bad ones"
+        )
 
     def _decode_stage(self, clock: _EpochClock | None, train: bool) -> DecodeSamples:
         return DecodeSamples(
             clock, self._skipped, caption_key=self.caption_key, seed=self.seed,
             num_frames=self.num_frames, stride=self.frame_stride,
             random_start=self.random_start and train, size=self.size, channels=self.channels,
-            timeout=self.decode_timeout, require_caption=self.require_caption,
+            timeout=self.decode_timeout, require_caption=self.require_caption, max_pixels=self.max_decode_pixels,
         )
 
     def _read_samples(self) -> Any:
@@ -361,6 +392,7 @@ class VideoShardDataModule(lightning.LightningDataModule):
         clock = _EpochClock(self._requested_epoch)
         plan = ReaderPlan(self.seed, self.batch_size, self.shard_sizes, self.epoch_samples,
                           resume=self._resume_position)
+        self._train_resumed = self._resume_position is not None
         self._resume_position = None  # applies to this loader's first pass only
         return wds.DataPipeline(
             wds.SimpleShardList(self.train_urls),
@@ -394,14 +426,15 @@ class VideoShardDataModule(lightning.LightningDataModule):
             return 0
         return self.decode_timeout * max(self.batch_size, self.val_batch_size) * 4
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_pipeline(), batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0,
-                          timeout=self._loader_timeout(self.num_workers))
+    def train_dataloader(self) -> ShardLoader:
+        pipeline = self.train_pipeline()
+        return ShardLoader(pipeline, batch_size=None, num_workers=self.num_workers,
+                           persistent_workers=self.num_workers > 0, timeout=self._loader_timeout(self.num_workers),
+                           empty_epoch_message=self._empty_epoch_message(), resumed=self._train_resumed)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> ShardLoader | list:
         if self.val_shards is None:
             return []
         num_workers = min(self.num_workers, len(self.val_urls or resolve_shards(self.val_shards)))
-        return DataLoader(self.val_pipeline(), batch_size=None, num_workers=num_workers,
-                          persistent_workers=num_workers > 0, timeout=self._loader_timeout(num_workers))
+        return ShardLoader(self.val_pipeline(), batch_size=None, num_workers=num_workers,
+                           persistent_workers=num_workers > 0, timeout=self._loader_timeout(num_workers))

@@ -10,6 +10,7 @@ run code, whatever it contains.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,19 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from data_tools.atomic_files import write_error
 from experiments.run_dir import RunError
 
 
+def weights_are_finite(module: torch.nn.Module) -> bool:
+    """No parameter of `module` holds a NaN or an infinity (buffers may: masks, schedules)."""
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters() if p.is_floating_point())
+
+
 def save_atomic(checkpoint: dict[str, Any], path: str | Path) -> None:
-    """`torch.save` to `path` through a temp file + fsync + rename (never a partial file)."""
+    """`torch.save` to `path` through a temp file + fsync + rename (never a partial file).
+    A failed write (e.g. a full disk) removes the temp file and raises `WriteError` naming
+    `path`; the previous file at `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -32,6 +41,8 @@ def save_atomic(checkpoint: dict[str, Any], path: str | Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        raise write_error(error, path) from error
     finally:
         tmp.unlink(missing_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-save
@@ -47,14 +58,26 @@ def save_atomic(checkpoint: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`, naming the file when it cannot be read."""
+    """Load a checkpoint with `weights_only=True`, naming the file when it cannot be read.
+    `mmap` applies to zip checkpoints; a legacy (plain pickle) file is read without it, so its
+    refusal names what is wrong with it rather than the memory map."""
     try:
+        if mmap and not _is_zip_file(path):
+            mmap = False
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise RunError(f"checkpoint {path} does not exist") from None
     except Exception as exc:
         detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise RunError(f"checkpoint {path} cannot be loaded safely (weights_only=True): {detail}") from exc
+
+
+def _is_zip_file(path: str | Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"PK\x03\x04"
+    except OSError:
+        return True  # let torch.load name the problem
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -106,14 +129,30 @@ def check_checkpoint_fits(path: str | Path, model: torch.nn.Module) -> None:
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` that also saves the final step.
+    """`ModelCheckpoint` that also saves the final step, keeps one `last.ckpt` and never writes
+    non-finite weights.
 
     Lightning's saves `last.ckpt` at the end of training only when no checkpoint was saved at
     all, so when `max_steps` is not a multiple of `every_n_train_steps` the steps after the
     last periodic save would be lost (and a run extended with `resume=` would redo them).
     The final save happens at the last batch, before EMAWeightAveraging copies the average
     into the raw weights at train end, so it holds both, like every periodic checkpoint.
+
+    Lightning's version counter would write `last-v1.ckpt` next to a `last.ckpt` it did not
+    write itself in this process (the pre-emption save, a copied run folder), leaving
+    `last.ckpt` stale; here `last.ckpt` is always overwritten. A checkpoint of weights holding
+    NaN or infinity is skipped with a warning (a diverging run keeps its last finite one).
     """
+
+    def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if not weights_are_finite(trainer.lightning_module):
+            warnings.warn(f"not writing {filepath}: the weights hold NaN or infinity at step {trainer.global_step}",
+                          stacklevel=2)
+            return
+        super()._save_checkpoint(trainer, filepath)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

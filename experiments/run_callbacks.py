@@ -1,5 +1,6 @@
 """Callbacks that keep a run's folder and checkpoints tied to its identity, make a resumed
-run continue exactly, and turn preemption signals into a checkpoint and a clean exit."""
+run continue exactly, turn stop signals into a checkpoint and a clean exit, and stop a run
+whose loss stopped being finite."""
 
 from __future__ import annotations
 
@@ -15,7 +16,27 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from experiments.checkpoints import weights_are_finite
 from experiments.run_dir import update_run_status
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+class DivergedError(RuntimeError):
+    """The training loss was not finite for `patience` steps in a row."""
+
+    def __init__(self, message: str, first_step: int, step: int) -> None:
+        super().__init__(message)
+        self.first_step, self.step = first_step, step
+
+
+def record_status(run_dir: Path, **fields: Any) -> None:
+    """`update_run_status` on an error path: a failure to write (a full disk) must not hide
+    the error being recorded."""
+    try:
+        update_run_status(run_dir, **fields)
+    except OSError:
+        pass
 
 
 class RunRecorder(Callback):
@@ -58,10 +79,9 @@ class RunRecorder(Callback):
         if isinstance(exception, SIGTERMException):
             return  # PreemptionCheckpoint records the interruption with its checkpoint
         if trainer.is_global_zero:
-            update_run_status(
-                self.run_dir, status="failed", error=f"{type(exception).__name__}: {exception}",
-                global_step=trainer.global_step,
-            )
+            status = "diverged" if isinstance(exception, DivergedError) else "failed"
+            record_status(self.run_dir, status=status, error=f"{type(exception).__name__}: {exception}",
+                          global_step=trainer.global_step)
 
 
 def _distributed() -> bool:
@@ -133,32 +153,98 @@ class RNGStateKeeper(Callback):
 
 
 class PreemptionCheckpoint(Callback):
-    """SIGTERM (Lightning stops after the current step) or SIGUSR1 (SLURM's warning before
-    preemption, e.g. `#SBATCH --signal=SIGUSR1@90`) -> save `last.ckpt` and exit cleanly.
+    """SIGINT (Ctrl-C), SIGTERM (`timeout`, `kill`, SLURM's `scancel`) or SIGUSR1 (SLURM's
+    warning before pre-emption, e.g. `#SBATCH --signal=SIGUSR1@90`) -> finish the current
+    step, save `last.ckpt` of it, record status `interrupted` and stop. `signal_received`
+    tells effvid-train which signal it was (it exits 0 for SIGUSR1, 128 + the signal number
+    otherwise). A second Ctrl-C stops at once, without a checkpoint.
 
-    Under SLURM with Lightning's auto-requeue, Lightning owns SIGUSR1 (it saves an hpc
-    checkpoint and requeues the job); this callback then only handles SIGTERM.
+    In a single process the handler asks Lightning to stop after the current step. In a DDP
+    run it only raises a flag, and every rank's flag is combined at the end of each step (one
+    all-reduce), so all ranks stop after the same step even when the signal reached only some
+    of them. Data-loader workers ignore the signals
+    (`datamodules/loaders.py`), so they are still there to be shut down. Under SLURM with
+    Lightning's auto-requeue, Lightning owns SIGUSR1 (an hpc checkpoint and `scontrol
+    requeue`); this callback then leaves that signal alone.
     """
 
     def __init__(self, checkpoint_dir: str | Path, run_dir: str | Path) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.run_dir = Path(run_dir)
+        self.signal_received: int | None = None
+        self.stop_requested = False
+        self._trainer: Any = None
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if self.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if not self.stop_requested:
+            print(f"effvid: {signal.Signals(signum).name} received: stopping after this step with a checkpoint"
+                  + (" (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""), flush=True)
+        self.stop_requested = True
+        self.signal_received = self.signal_received or signum
+        if self._trainer is not None and not _distributed():
+            self._trainer._signal_connector.received_sigterm = True  # Lightning stops after this step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
-            def request_stop(signum: int, frame: Any) -> None:
-                trainer._signal_connector.received_sigterm = True  # Lightning stops after this step
+        # After Lightning registered its own handlers (it restores the originals at teardown).
+        self._trainer = trainer
+        for signum in STOP_SIGNALS:
+            if signum == signal.SIGUSR1 and signal.getsignal(signum) not in (signal.SIG_DFL, None):
+                continue  # Lightning's SLURM auto-requeue handler
+            signal.signal(signum, self._request_stop)
 
-            signal.signal(signal.SIGUSR1, request_stop)
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not (_distributed() and trainer.world_size > 1):
+            return  # the handler has told Lightning already
+        if trainer.strategy.reduce_boolean_decision(self.stop_requested, all=False):
+            trainer._signal_connector.received_sigterm = True  # every rank stops after this step
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
         path = self.checkpoint_dir / "last.ckpt"
-        trainer.save_checkpoint(path)
+        saved = weights_are_finite(pl_module)
+        if saved:
+            trainer.save_checkpoint(path)
         if trainer.is_global_zero:
-            update_run_status(self.run_dir, status="interrupted", global_step=trainer.global_step,
-                              checkpoint=str(path))
+            record_status(self.run_dir, status="interrupted", global_step=trainer.global_step,
+                          checkpoint=str(path) if saved else None)
+
+
+class DivergenceGuard(Callback):
+    """Stops the run (`DivergedError`, status `diverged`) when the training loss is not finite
+    for `patience` steps in a row. Checkpoints of non-finite weights are never written
+    (`RunCheckpoint`), so `last.ckpt` stays the last finite one. The decision is taken over all
+    ranks, so DDP ranks stop together."""
+
+    def __init__(self, patience: int = 3) -> None:
+        if patience < 1:
+            raise ValueError(f"divergence patience must be >= 1, got {patience}")
+        self.patience = patience
+        self.streak = 0
+        self.first_step: int | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            loss = trainer.callback_metrics.get("train/loss")
+        finite = loss is None or bool(torch.isfinite(torch.as_tensor(loss)).all())
+        if _distributed() and trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            self.streak, self.first_step = 0, None
+            return
+        self.streak += 1
+        self.first_step = self.first_step if self.first_step is not None else trainer.global_step
+        if self.streak >= self.patience:
+            raise DivergedError(
+                f"the training loss was not finite for {self.streak} steps in a row (steps {self.first_step}.."
+                f"{trainer.global_step}; callbacks.divergence.patience={self.patience})",
+                self.first_step, trainer.global_step,
+            )
 
 
 class DataHealthLogger(Callback):

@@ -7,6 +7,7 @@
     effvid-sample run=RUN_ID --interpolate     # twice the frame rate (masked-frame runs)
     effvid-sample run=RUN_ID cache=3           # DeepCache: the deep U-Net features every 3rd step
     effvid-sample pipeline=cascade run=BASE temporal_sr=LVDM_RUN spatial_sr=SR_RUN
+    effvid-sample run=RUN_ID backend=diffusers   # a pretrained-bundle run through its family's diffusers pipeline
 """
 
 from __future__ import annotations
@@ -18,42 +19,25 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.run_dir import RunError, resolve_checkpoint
 from lit_models.feature_cache import sampling_cache
 from lit_models.super_resolution import resize_frames
+from lit_models.trusted_config import UntrustedConfigError, trust_command_line_targets
 from lit_models.video_logging import save_samples
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint without unpickling arbitrary objects."""
+def load_model(ckpt_path: Path, run_dir: Path, weights: str = "auto") -> tuple[Any, DictConfig]:
+    """The run's LightningModule, rebuilt from the checkpoint's own config through effvid's
+    builders (never a callable the checkpoint names), with its EMA (or raw) weights."""
+    from lit_models.bundle import BundleError, load_run
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or foreign files
-        raise RunError(f"cannot read checkpoint {path}: {error}") from None
-
-
-def load_model(ckpt_path: Path, run_dir: Path) -> tuple[Any, DictConfig]:
-    """Rebuild the run's LightningModule from its config and load the (EMA) weights."""
-    checkpoint = load_checkpoint(ckpt_path)
-    stamp = checkpoint.get("effvid")
-    if stamp is not None:
-        cfg = OmegaConf.create(stamp["config"])
-    elif (run_dir / "config.yaml").exists():
-        cfg = OmegaConf.load(run_dir / "config.yaml")
-    else:
-        raise RunError(f"{ckpt_path} is not an effvid checkpoint and {run_dir}/config.yaml is missing")
-    # A paradigm without a denoiser (Make-A-Video's clip stage) runs with model=null.
-    model = instantiate(cfg.paradigm, net=instantiate(cfg.model) if cfg.get("model") else None)
-    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
-    if missing or unexpected:
-        raise RunError(
-            f"checkpoint {ckpt_path} does not match the model of its config: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    return model.eval(), cfg
+        model, cfg, _ = load_run(ckpt_path, weights)
+    except BundleError as error:
+        raise RunError(str(error)) from None
+    return model, cfg
 
 
 def run_sampling(cfg: DictConfig) -> dict[str, Any]:
@@ -69,14 +53,20 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     sampling = dict(sampler=sampler, steps=steps, guidance_scale=guidance)
     if cfg.pipeline not in ("single", "cascade"):
         raise RunError(f"pipeline={cfg.pipeline!r}: choose single or cascade")
-    with sampling_cache(model, cfg.cache):
-        videos = model.generate(prompts, seed=cfg.seed, num_frames=cfg.num_frames, **sampling)
-        videos = extend_or_interpolate(model, cfg, prompts, videos, sampling)
+    if cfg.backend not in ("effvid", "diffusers"):
+        raise RunError(f"backend={cfg.backend!r}: choose effvid or diffusers")
+    if cfg.backend == "diffusers":
+        videos = diffusers_backend(model, cfg, prompts, steps, guidance)
+        sampler = f"{type(model.noise_scheduler).__name__} (the family pipeline's own)"
+    else:
+        with sampling_cache(model, cfg.cache):
+            videos = model.generate(prompts, seed=cfg.seed, num_frames=cfg.num_frames, **sampling)
+            videos = extend_or_interpolate(model, cfg, prompts, videos, sampling)
     stages = {"base": videos}
     if cfg.pipeline == "cascade":
         stages.update(run_cascade(cfg, prompts, videos))
         videos = list(stages.values())[-1]
-    out = Path(cfg.out) if cfg.out else run_dir / "samples" / dt.datetime.now().strftime("sample-%Y%m%d-%H%M%S")
+    out = Path(cfg.out) if cfg.out else new_sample_dir(run_dir)
     paths = save_samples(videos, prompts, out, fps=model.sample_fps * videos.shape[2] / stages["base"].shape[2])
     # The digit metric reads frames at the base resolution: a spatially upsampled video is scored resized back.
     scores = model.score(prompts, resize_frames(videos, tuple(stages["base"].shape[-2:])))
@@ -88,6 +78,29 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         print(f"  {name:24s} {value:.4f}")
     print(f"  grid   {paths['grid']}\n  videos {out}/*.mp4")
     return {"videos": videos, "paths": paths, "scores": scores, "stages": stages}
+
+
+def new_sample_dir(run_dir: Path) -> Path:
+    """`RUN/samples/sample-TIME`, with a suffix when a call in the same second made one."""
+    base = run_dir / "samples" / dt.datetime.now().strftime("sample-%Y%m%d-%H%M%S")
+    out, count = base, 1
+    while out.exists():
+        count += 1
+        out = base.with_name(f"{base.name}-{count}")
+    return out
+
+
+def diffusers_backend(model: Any, cfg: DictConfig, prompts: list[str], steps: int, guidance: float) -> torch.Tensor:
+    """The run's denoiser inside its family's diffusers pipeline (its scheduler, text encoding and
+    VAE decoding), for comparison with effvid's samplers."""
+    from lit_models.diffusers_pipelines import pipeline_generate
+
+    if cfg.extend or cfg.interpolate or cfg.pipeline != "single" or cfg.cache is not None:
+        raise RunError("backend=diffusers samples plain text-to-video: drop --extend/--interpolate/pipeline=/cache=")
+    try:
+        return pipeline_generate(model, prompts, steps, guidance, cfg.seed, cfg.num_frames)
+    except ValueError as error:
+        raise RunError(f"backend=diffusers: {error}") from None
 
 
 def run_cascade(cfg: DictConfig, prompts: list[str], videos: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -151,10 +164,11 @@ def translate_flags(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def hydra_main(cfg: DictConfig) -> None:
+    trust_command_line_targets(cfg.trust_targets)
     try:
         with torch.inference_mode():
             run_sampling(cfg)
-    except RunError as error:
+    except (RunError, UntrustedConfigError) as error:
         raise SystemExit(f"effvid-sample: error: {error}") from None
 
 

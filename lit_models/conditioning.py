@@ -36,8 +36,8 @@ _CLIP_TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "l
 @dataclass
 class TextEmbedding:
     tokens: Tensor  # (B, L, token_dim) per-token features after the final LayerNorm
-    pooled: Tensor  # (B, pooled_dim) open_clip's pooled, projected text feature
-    mask: Tensor  # (B, L) bool, True = real token (start, words, end); False = padding
+    pooled: Tensor | None  # (B, pooled_dim) open_clip's pooled, projected text feature; None: the family has none
+    mask: Tensor | None  # (B, L) bool, True = real token (start, words, end); None: the denoiser takes no mask
 
 
 def _named_text_tower(model_name: str, pretrained: str | None) -> TextTransformer:

@@ -4,7 +4,8 @@ A paradigm subclasses `DiffusionModule` and says two things: how a batch becomes
 conditioning (`condition`) and what it does with samples at validation
 (`on_validation_epoch_start`, when the EMA weights are in place).
 Noise schedules and samplers are diffusers schedulers, so a model trained here samples with
-any of diffusers' solvers.
+any of diffusers' solvers. A flow-matching schedule (LTX-Video, Wan) switches the forward
+process to x_t = (1 - sigma) x0 + sigma noise with a velocity target (`flow_matching.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.training_utils import compute_snr
 from torch import Tensor, nn
 
+from lit_models.flow_matching import flow_noised, flow_shift, is_flow_matching, set_flow_timesteps, training_sigmas
 from lit_models.samplers import make_sampler
 
 Conditioning = dict[str, Tensor]  # keyword arguments for the network besides x and timesteps
@@ -50,8 +52,10 @@ class DiffusionModule(L.LightningModule):
             prediction target (`epsilon`, `v_prediction` or `sample`).
         optimizer: partial taking the parameters (Hydra `_partial_: true`).
         lr_scheduler: optional partial taking the optimizer; stepped every optimizer step.
-        min_snr_gamma: Min-SNR weighting; None for the plain MSE.
+        min_snr_gamma: Min-SNR weighting; None for the plain MSE (flow matching ignores it).
         sampler, sample_steps, guidance_scale, guidance_rescale: defaults for `sample`.
+        flow_weighting: how a flow-matching model draws training noise levels before the
+            schedule's shift (`logit_normal` or `uniform`).
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class DiffusionModule(L.LightningModule):
         sample_steps: int = 20,
         guidance_scale: float = 1.0,
         guidance_rescale: float = 0.0,
+        flow_weighting: str = "logit_normal",
     ) -> None:
         super().__init__()
         self.net = net
@@ -76,11 +81,21 @@ class DiffusionModule(L.LightningModule):
         self.sample_steps = sample_steps
         self.guidance_scale = guidance_scale
         self.guidance_rescale = guidance_rescale
+        self.flow_weighting = flow_weighting
         make_sampler(sampler, noise_scheduler)  # fail at construction on a bad sampler name
 
     @property
+    def flow_matching(self) -> bool:
+        return is_flow_matching(self.noise_scheduler)
+
+    @property
     def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+        return "flow_prediction" if self.flow_matching else self.noise_scheduler.config.prediction_type
+
+    def sequence_length(self, shape: tuple[int, ...]) -> int:
+        """Video tokens per sample of diffusion-space `shape` (resolution-dependent flow shifts)."""
+        measure = getattr(self.net, "sequence_length", None)
+        return int(measure(tuple(shape))) if measure is not None else int(torch.tensor(shape[2:]).prod())
 
     # --- what paradigms provide -------------------------------------------------------
     def condition(self, batch: dict[str, Any], drop: bool) -> Conditioning:
@@ -97,21 +112,33 @@ class DiffusionModule(L.LightningModule):
             return x0
         raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
 
+    def draw_timesteps(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Training timesteps `(B,)`: integers in [0, T) for DDPM-style schedules, sigma * T for
+        flow matching (shifted as the schedule shifts at this clip size)."""
+        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        if self.flow_matching:
+            shift = flow_shift(self.noise_scheduler, self.sequence_length(tuple(x0.shape)))
+            sigmas = training_sigmas(x0.shape[0], shift, self.flow_weighting, generator)
+            return (sigmas * num_train_timesteps).to(x0.device)
+        return torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
+
+    def noisy_and_target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_t, the network's regression target) for clean `x0` and `noise` at `timesteps`."""
+        if self.flow_matching:
+            return flow_noised(x0, noise, timesteps, self.noise_scheduler.config.num_train_timesteps)
+        return self.noise_scheduler.add_noise(x0, noise, timesteps), self.target(x0, noise, timesteps)
+
     def diffusion_loss(
         self, x0: Tensor, conditioning: Conditioning, generator: torch.Generator | None = None
     ) -> Tensor:
         """Weighted denoising loss per sample, shape `(B,)`."""
-        batch_size = x0.shape[0]
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator
-        ).to(x0.device)
+        timesteps = self.draw_timesteps(x0, generator)
         noise = torch.randn(x0.shape, generator=generator).to(x0)  # (B, C, F, H, W)
-        x_t = self.noise_scheduler.add_noise(x0, noise, timesteps)
+        x_t, target = self.noisy_and_target(x0, noise, timesteps)
         prediction = self.net(x_t, timesteps, **conditioning)
-        target = self.target(x0, noise, timesteps)
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
         loss = loss.flatten(1).mean(dim=1)  # (B,)
-        if self.min_snr_gamma is not None:
+        if self.min_snr_gamma is not None and not self.flow_matching:
             snr = compute_snr(self.noise_scheduler, timesteps)
             loss = loss * min_snr_weights(snr, self.min_snr_gamma, self.prediction_type)
         return loss
@@ -162,18 +189,22 @@ class DiffusionModule(L.LightningModule):
         2023, sec. 3.4) pulls the guided prediction's std back towards the conditional one's.
         """
         rescale = self.guidance_rescale if guidance_rescale is None else guidance_rescale
-        scheduler = make_sampler(sampler or self.sampler, self.noise_scheduler)
-        scheduler.set_timesteps(steps or self.sample_steps, device=self.device)
+        steps = steps or self.sample_steps
+        tokens = self.sequence_length(tuple(shape))
+        scheduler = make_sampler(sampler or self.sampler, self.noise_scheduler, tokens)
+        if self.flow_matching:
+            set_flow_timesteps(scheduler, steps, tokens, self.device)
+        else:
+            scheduler.set_timesteps(steps, device=self.device)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         guided = unconditioning is not None and scale != 1.0
         net_conditioning = (
             {k: torch.cat([unconditioning[k], conditioning[k]]) for k in conditioning} if guided else conditioning
         )
-        x = torch.randn(shape, generator=generator).to(self.device) * scheduler.init_noise_sigma
-        # Stochastic samplers (DDPM, LCM) draw their step noise from the same generator.
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        x = torch.randn(shape, generator=generator).to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
+        step = _step_function(scheduler, generator)
         for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(x, t)
+            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
             x_in = torch.cat([x_in, x_in]) if guided else x_in
             timesteps = t.expand(x_in.shape[0]).to(self.device)
             out = self.net(x_in, timesteps, **net_conditioning)
@@ -182,5 +213,23 @@ class DiffusionModule(L.LightningModule):
                 out = out_uncond + scale * (out_cond - out_uncond)
                 if rescale > 0:
                     out = rescale_noise_cfg(out, out_cond, guidance_rescale=rescale)
-            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
-        return x.clamp(-1, 1)
+            x = step(out.float(), t, x)
+        # Pixel-space models are clamped to the data range; latents are not bounded.
+        return x.clamp(-1, 1) if getattr(self, "autoencoder", None) is None else x
+
+
+def _step_function(scheduler: Any, generator: torch.Generator | None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """`(model output, t, x) -> x at the next t` for a diffusers scheduler. Stochastic samplers
+    (DDPM, LCM) draw their step noise from `generator`; CogVideoX's DPM scheduler also wants the
+    previous x0 estimate and timestep (its pipeline keeps them; so does this closure)."""
+    kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    if type(scheduler).__name__ != "CogVideoXDPMScheduler":
+        return lambda out, t, x: scheduler.step(out, t, x, **kwargs).prev_sample
+    state: dict[str, Any] = {"x0": None, "t": None}
+
+    def step(out: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        x, state["x0"] = scheduler.step(out, state["x0"], t, state["t"], x, return_dict=False, **kwargs)
+        state["t"] = t
+        return x
+
+    return step

@@ -12,8 +12,10 @@
   to the clean video, so a few deterministic DDIM steps on the phase edges follow the teacher's
   ODE instead of re-noising after every LCM jump.
 
-Both start the student (and the frozen text tower) from a run checkpoint and distil the
-teacher's classifier-free guidance into it, so students sample with guidance 1.
+Both start the student (and the frozen text tower) from the teacher, a run checkpoint
+(`teacher_checkpoint`) or any `pretrained=` bundle with a DDPM-style schedule (an effvid run, an
+SD / ModelScope / CogVideoX folder), and distil the teacher's classifier-free guidance into it,
+so students sample with guidance 1.
 """
 
 from __future__ import annotations
@@ -89,6 +91,11 @@ class _Distillation(TextToVideo):
 
     def __init__(self, teacher_checkpoint: str | None = None, teacher_guidance: float = 5.0, **text_to_video: Any) -> None:
         super().__init__(**text_to_video)
+        if self.flow_matching:
+            raise ValueError(
+                f"{type(self).__name__} distils a DDPM-style (epsilon / v) teacher along its DDIM trajectory; this "
+                "teacher trains with flow matching (LTX-Video, Wan), which it does not cover"
+            )
         if teacher_checkpoint is not None:
             load_teacher_weights(self, teacher_checkpoint)
         self.text_encoder.trainable = False

@@ -1,9 +1,11 @@
-"""Latent space: diffusers' `AutoencoderKL` applied frame by frame, and its training on the
-digits (`effvid-train experiment=vae_digits`).
+"""Latent space: diffusers' `AutoencoderKL` applied frame by frame, the video VAEs of the
+pretrained families (temporal compression), and the per-frame VAE's training on the digits
+(`effvid-train experiment=vae_digits`).
 
-A paradigm given `autoencoder=FrameAutoencoder(...)` diffuses in its latent space: clean
-clips are encoded per frame before noising, samples decoded per frame (MagicVideo, LVDM and
-Video LDM are latent models; `paradigm.autoencoder=...` turns any text-to-video config latent).
+A paradigm given `autoencoder=FrameAutoencoder(...)` (or a `VideoAutoencoder`) diffuses in its
+latent space: clean clips are encoded before noising, samples decoded after (MagicVideo, LVDM
+and Video LDM are latent models; `paradigm.autoencoder=...` turns any text-to-video config
+latent). Both take and give `(B, C, F, H, W)`; a video VAE maps F frames to (F - 1) / t + 1.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class FrameAutoencoder(nn.Module):
     Args:
         pretrained: a diffusers folder (e.g. an SD VAE, `subfolder="vae"`); else built from
             the sizes below, randomly initialised (for `vae_digits`) or loaded from `weights`.
+        vae: an `AutoencoderKL` already loaded (a pretrained bundle's).
         weights: a `vae_digits` run's checkpoint (its `autoencoder.vae.*` entries).
         trainable: train the VAE (the vae_digits run); otherwise frozen and in eval mode.
         scaling_factor: latents are multiplied by it (unit variance for the diffusion);
@@ -42,9 +45,13 @@ class FrameAutoencoder(nn.Module):
         norm_num_groups: int = 8,
         scaling_factor: float | None = None,
         trainable: bool = False,
+        vae: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if pretrained is not None:
+        self.patch_size = 1  # a bundle's denoiser patch / U-Net levels (sizes must be multiples)
+        if vae is not None:
+            self.vae = vae
+        elif pretrained is not None:
             self.vae = AutoencoderKL.from_pretrained(pretrained, subfolder=subfolder)
         else:
             levels = len(block_out_channels)
@@ -78,6 +85,16 @@ class FrameAutoencoder(nn.Module):
     def downscale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    temporal_downscale = 1
+
+    def check_shape(self, frames: int, height: int, width: int, where: str = "data") -> None:
+        grid = self.downscale * self.patch_size
+        if height % grid or width % grid:
+            raise ValueError(
+                f"{where}: {height}x{width} px; this model needs multiples of {grid} (VAE {self.downscale}x x "
+                f"denoiser {self.patch_size}x)"
+            )
+
     def train(self, mode: bool = True) -> FrameAutoencoder:
         return super().train(mode and self.trainable)
 
@@ -98,6 +115,89 @@ class FrameAutoencoder(nn.Module):
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             videos = self.vae.decode(rearrange(latents / self.scaling_factor, "b c f h w -> (b f) c h w")).sample
         return rearrange(videos, "(b f) c h w -> b c f h w", f=frames).clamp(-1, 1)
+
+
+class VideoAutoencoder(nn.Module):
+    """A pretrained family's video VAE, encoding whole clips with temporal compression:
+    `(B, C, F, H, W)` <-> `(B, c, (F - 1) / t + 1, H / s, W / s)`, latents normalised as the
+    family's pipeline un-normalises them before decoding. Always frozen.
+
+    Args:
+        vae: `AutoencoderKLCogVideoX`, `AutoencoderKLLTXVideo`, `AutoencoderKLWan` or `AutoencoderKLHunyuanVideo`.
+        patch_size: the denoiser's spatial patch size; frame sizes must be multiples of
+            `downscale * patch_size` (checked with `check_shape`).
+
+    Normalisation per family (what each pipeline inverts before `vae.decode`):
+    CogVideoX and HunyuanVideo scale by `scaling_factor`; LTX-Video and Wan subtract the per-channel
+    `latents_mean` and divide by `latents_std` (LTX also scales by `scaling_factor`).
+    """
+
+    trainable = False
+
+    def __init__(self, vae: nn.Module, patch_size: int = 1) -> None:
+        super().__init__()
+        self.vae = vae.requires_grad_(False).eval()
+        self.patch_size = patch_size
+        kind = type(vae).__name__
+        config = vae.config
+        channels = int(config.get("latent_channels") or config.get("z_dim"))
+        mean, std, scale = torch.zeros(channels), torch.ones(channels), 1.0
+        if kind in ("AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo"):
+            scale = float(config.scaling_factor)
+        elif kind == "AutoencoderKLLTXVideo":
+            mean, std, scale = vae.latents_mean.float(), vae.latents_std.float(), float(config.scaling_factor)
+        elif kind == "AutoencoderKLWan":
+            mean, std = torch.tensor(config.latents_mean).float(), torch.tensor(config.latents_std).float()
+        else:
+            raise ValueError(f"VideoAutoencoder: unsupported video VAE {kind}")
+        self.kind = kind
+        self.register_buffer("latents_mean", mean.view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("latents_std", std.view(1, -1, 1, 1, 1), persistent=False)
+        self.scaling_factor = scale
+        self.latent_channels = channels
+        self.downscale = int(getattr(vae, "spatial_compression_ratio", None) or 2 ** (len(config.block_out_channels) - 1))
+        self.temporal_downscale = int(
+            config.get("temporal_compression_ratio")
+            or config.get("scale_factor_temporal")
+            or vae.temporal_compression_ratio  # LTX-Video derives it from its blocks
+        )
+
+    def train(self, mode: bool = True) -> VideoAutoencoder:
+        return super().train(False)
+
+    def check_shape(self, frames: int, height: int, width: int, where: str = "data") -> None:
+        """Raise naming the numbers when clips of this size cannot go through the VAE + denoiser."""
+        t, grid = self.temporal_downscale, self.downscale * self.patch_size
+        if (frames - 1) % t:
+            raise ValueError(
+                f"{where}: {frames} frames; this family's video VAE compresses time {t}x and takes {t}k+1 frames "
+                f"(e.g. {((frames - 1) // t) * t + 1} or {((frames - 1) // t + 1) * t + 1})"
+            )
+        if height % grid or width % grid:
+            raise ValueError(
+                f"{where}: {height}x{width} px; this family needs multiples of {grid} "
+                f"(VAE {self.downscale}x x patch {self.patch_size})"
+            )
+
+    def latent_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        batch, _, frames, height, width = shape
+        return (batch, self.latent_channels, (frames - 1) // self.temporal_downscale + 1,
+                height // self.downscale, width // self.downscale)  # fmt: skip
+
+    @torch.no_grad()
+    def encode(self, videos: Tensor) -> Tensor:
+        """Normalised latents (the posterior's mode) of videos `(B, C, F, H, W)` in [-1, 1]."""
+        latents = self.vae.encode(videos.to(self.vae.dtype)).latent_dist.mode().float()
+        return (latents - self.latents_mean) * self.scaling_factor / self.latents_std
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        latents = latents * self.latents_std / self.scaling_factor + self.latents_mean
+        kwargs = {}
+        if self.vae.config.get("timestep_conditioning"):  # LTX-Video 0.9.1+: its pipeline decodes at t = 0
+            kwargs["temb"] = torch.zeros(latents.shape[0], device=latents.device, dtype=latents.dtype)
+        videos = self.vae.decode(latents.to(self.vae.dtype), **kwargs).sample.float()
+        return videos.clamp(-1, 1)
 
 
 class AutoencoderTraining(L.LightningModule):

@@ -1,7 +1,7 @@
 """Parameter-efficient fine-tuning: a frozen pretrained base plus only what the config names.
 
-The paradigm takes the base network (see `base_models.py` for loading an effvid run or a
-diffusers model), freezes it and the text encoder, and applies `trainable`: a list of
+The paradigm takes the base network of a pretrained bundle (`bundle.py`: an effvid run or a
+diffusers pipeline folder), freezes it and the text encoder, and applies `trainable`: a list of
 injectors, each adding the modules it trains:
 
 - `LoRA`: low-rank adapters through `peft` on modules matched by name (spatial and/or
@@ -18,6 +18,7 @@ Checkpoints hold only the trained weights (`state_dict` is filtered) plus the ba
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -114,35 +115,67 @@ def unmerge_lora(net: nn.Module) -> None:
         layer.unmerge()
 
 
+def merge_and_unload_lora(net: nn.Module) -> nn.Module:
+    """Fold every LoRA into its base weight and put the plain base layer back in its place, so
+    parameter names are the base model's again (`to_q.weight`, not `to_q.base_layer.weight`):
+    what `save_pretrained` must see for diffusers to load the weights instead of initialising
+    them anew. In place; returns `net`."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(net.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent_name) if parent_name else net, child, module.get_base_layer())
+    return net
+
+
 def _is_diffusers_backbone(net: nn.Module) -> bool:
     return hasattr(net, "unet") and hasattr(getattr(net, "unet"), "config")
 
 
-def export_lora(net: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
-    """Write the adapter alone to a safetensors file.
+def _lora_scalings(net: nn.Module, adapter_name: str) -> set[tuple[int, float]]:
+    return {(layer.r[adapter_name], float(layer.lora_alpha[adapter_name])) for layer in lora_layers(net)}
 
-    Keys are peft's (`...lora_A.weight`, adapter name removed). For a diffusers backbone the
-    `unet.` prefix is what diffusers' `load_lora_weights` expects, so the file loads there too.
-    """
+
+def export_lora(net: nn.Module, path: str | Path, lora: LoRA | None = None, adapter_name: str = "default") -> Path:
+    """Write an effvid net's adapter alone to a safetensors file, in peft's keys (`...lora_A.weight`,
+    adapter name removed), with the rank and alpha in its metadata: alpha / rank scales the update,
+    and a file without it would load at the wrong strength. (Pretrained diffusers families export
+    through `lit_models/export.py`, in the layout their pipelines' `load_lora_weights` reads.)"""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     state = get_peft_model_state_dict(net, adapter_name=adapter_name)
     if not state:
         raise ValueError("export_lora: the net has no LoRA weights")
-    # DiffusersFrameUNet keeps the U-Net as `.unet`, so peft's keys already start with `unet.`.
+    scalings = _lora_scalings(net, adapter_name)
+    if len(scalings) != 1:
+        raise ValueError(f"export_lora: layers differ in (rank, alpha) {sorted(scalings)}; one pair per file")
+    (rank, alpha), = scalings
+    config = lora.config().to_dict() if lora is not None else {"r": rank, "lora_alpha": alpha}
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     state = {k: v.detach().contiguous() for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "pt", "diffusers": str(_is_diffusers_backbone(net))})
+    save_file(state, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config, default=str)})
     return path
 
 
 def import_lora(net: nn.Module, path: str | Path, adapter_name: str = "default") -> None:
-    """Load an `export_lora` file into a net that has the same LoRA layers."""
+    """Load an `export_lora` file into a net that has LoRA layers of the same rank and alpha."""
     from peft import set_peft_model_state_dict
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    ours = _lora_scalings(net, adapter_name)
+    if metadata and ours != {(int(metadata["r"]), float(metadata["lora_alpha"]))}:
+        raise ValueError(
+            f"import_lora: {path} holds rank {metadata['r']}, alpha {metadata['lora_alpha']}; the net's LoRA "
+            f"layers have (rank, alpha) {sorted(ours)}"
+        )
     result = set_peft_model_state_dict(net, load_file(str(path)), adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
@@ -167,32 +200,47 @@ class TrainOnly:
 
 
 class SimDAAdapters:
-    """SimDA's adapters on a `FactorizedUNet`: spatial ones in the spatial transformers (after
-    self-attention, beside the feed-forward) and a temporal one after every ResBlock.
+    """SimDA's adapters: spatial ones in the spatial transformers (after self-attention, beside
+    the feed-forward) and a temporal one after every ResBlock, zero-initialised (step 0 is the
+    base). On effvid's `FactorizedUNet`, or a bundle's diffusers denoiser: every transformer block
+    with `attn1` and a feed-forward outside the temporal layers gets the spatial pair, every
+    `ResnetBlock2D` of a U-Net family the temporal one (transformer families have no ResBlocks).
 
     Args:
         spatial_ratio: bottleneck width of the spatial adapters (SimDA: 0.25).
         temporal_ratio: bottleneck width of the temporal adapters (C -> C/2).
-        spatial, temporal: which kinds to insert.
+        spatial: insert the spatial adapters.
+        temporal: insert the temporal adapters; None: wherever the net has ResBlocks.
     """
 
-    def __init__(self, spatial_ratio: float = 0.25, temporal_ratio: float = 0.5, spatial: bool = True, temporal: bool = True) -> None:
+    TEMPORAL_BLOCKS = ("motion_modules", "temp_attentions", "transformer_in")  # diffusers' temporal layers
+
+    def __init__(self, spatial_ratio: float = 0.25, temporal_ratio: float = 0.5, spatial: bool = True,
+                 temporal: bool | None = None) -> None:
         self.spatial_ratio, self.temporal_ratio = spatial_ratio, temporal_ratio
         self.spatial, self.temporal = spatial, temporal
 
     def __call__(self, net: nn.Module) -> nn.Module:
-        if not isinstance(net, FactorizedUNet):
-            raise TypeError(f"SimDAAdapters: needs a FactorizedUNet, got {type(net).__name__}")
         frames = FrameCount()
 
         def count_frames(module: nn.Module, args: tuple) -> None:
             frames.value = args[0].shape[2]  # x: (B, C, F, H, W)
 
         net.register_forward_pre_hook(count_frames)
-        stages = [*net.down_stages, net.mid_stage, *net.up_stages]
-        for stage in stages:
+        if isinstance(net, FactorizedUNet):
+            return self._factorized(net, frames)
+        from lit_models.diffusers_pipelines import denoiser_model
+
+        try:
+            model = denoiser_model(net)
+        except ValueError:
+            raise TypeError(f"SimDAAdapters: needs a FactorizedUNet or a diffusers denoiser, got {type(net).__name__}") from None
+        return self._diffusers(net, model, frames)
+
+    def _factorized(self, net: FactorizedUNet, frames: FrameCount) -> nn.Module:
+        for stage in [*net.down_stages, net.mid_stage, *net.up_stages]:
             channels = stage.resblock.conv2.out_channels
-            if self.temporal:
+            if self.temporal is not False:
                 stage.resblock = ResBlockWithTemporalAdapter(stage.resblock, TemporalAdapter(channels, self.temporal_ratio), frames)
             if self.spatial and stage.transformer is not None:
                 block = stage.transformer
@@ -200,40 +248,76 @@ class SimDAAdapters:
                 block.feed_forward = ParallelAdapter(block.feed_forward, BottleneckAdapter(channels, self.spatial_ratio))
         return net
 
+    def _diffusers(self, net: nn.Module, model: nn.Module, frames: FrameCount) -> nn.Module:
+        modules = list(model.named_modules())
+        resblocks = [(n, m) for n, m in modules if type(m).__name__ == "ResnetBlock2D"]
+        if self.temporal and not resblocks:
+            raise ValueError(
+                f"SimDAAdapters: {type(model).__name__} has no ResBlocks for temporal adapters (transformer "
+                "families mix time in attention): leave temporal unset or false"
+            )
+        blocks = [(n, m) for n, m in modules if hasattr(m, "attn1") and (hasattr(m, "ff") or hasattr(m, "ffn"))
+                  and not any(part in n for part in self.TEMPORAL_BLOCKS)]  # fmt: skip
+        for name, block in blocks if self.spatial else ():
+            width = block.attn1.to_out[0].out_features
+            block.attn1 = AfterAdapter(block.attn1, BottleneckAdapter(width, self.spatial_ratio))
+            feed_forward = "ff" if hasattr(block, "ff") else "ffn"
+            setattr(block, feed_forward, ParallelAdapter(getattr(block, feed_forward), BottleneckAdapter(width, self.spatial_ratio)))
+        for name, resblock in resblocks if self.temporal is not False else ():
+            parent, _, child = name.rpartition(".")
+            wrapped = ResBlockWithTemporalAdapter(resblock, TemporalAdapter(resblock.conv2.out_channels, self.temporal_ratio), frames)
+            setattr(model.get_submodule(parent), child, wrapped)
+        if not blocks and self.spatial:
+            raise ValueError(f"SimDAAdapters: {type(model).__name__} has no transformer blocks for spatial adapters")
+        return net
+
 
 class MotionModule:
-    """AnimateDiff: diffusers' `UNetMotionModel.from_unet2d` around the frozen image U-Net of a
-    `DiffusersFrameUNet`, training only the motion modules.
+    """AnimateDiff: motion modules in a frozen diffusers image U-Net (`DiffusersFrameUNet`), trained
+    alone. A U-Net that has none yet gets them through diffusers' `UNetMotionModel.from_unet2d`:
+    from a saved `MotionAdapter` (`pretrained`), or new ones sized by `adapter` (the U-Net's
+    `block_out_channels` unless given). A U-Net that already holds them (an AnimateDiff folder,
+    or `bundle.motion_adapter=`) keeps its own.
 
     Args:
-        adapter: `MotionAdapter` config kwargs for a new motion adapter (block_out_channels
-            must match the U-Net's), or None with `pretrained`.
-        pretrained: path of a saved `MotionAdapter` (`save_pretrained`), e.g. for MotionLoRA.
-        train: whether the motion modules are trained (False when LoRA goes on top).
-        zero_init_output: zero each motion transformer's `proj_out`, as AnimateDiff does
+        adapter: `MotionAdapter` config kwargs for new motion modules.
+        pretrained: path of a saved `MotionAdapter` (`save_pretrained`).
+        train: whether the motion modules train (False when LoRA goes on top: MotionLoRA).
+        zero_init_output: zero each new motion transformer's `proj_out`, as AnimateDiff does
             (diffusers initialises it randomly), so training starts at the image model.
     """
 
     def __init__(self, adapter: dict[str, Any] | None = None, pretrained: str | None = None, train: bool = True,
                  zero_init_output: bool = True) -> None:
-        if (adapter is None) == (pretrained is None):
-            raise ValueError("MotionModule: give exactly one of adapter (a config) or pretrained (a path)")
+        if adapter is not None and pretrained is not None:
+            raise ValueError("MotionModule: give adapter (sizes for new modules) or pretrained (a saved adapter), not both")
         self.adapter, self.pretrained, self.train, self.zero_init_output = adapter, pretrained, train, zero_init_output
 
     def __call__(self, net: nn.Module) -> nn.Module:
         from diffusers import MotionAdapter, UNetMotionModel
 
         if not _is_diffusers_backbone(net):
-            raise TypeError(f"MotionModule: needs a diffusers image U-Net (DiffusersFrameUNet), got {type(net).__name__}")
-        if self.pretrained is not None:
-            motion_adapter = MotionAdapter.from_pretrained(self.pretrained)
+            raise TypeError(
+                f"MotionModule: motion modules go into a diffusers image U-Net (the animatediff family), "
+                f"not a {type(net).__name__}"
+            )
+        if type(net.unet).__name__ == "UNetMotionModel":
+            if self.pretrained is not None:
+                raise ValueError("MotionModule: this U-Net already holds motion modules; drop MotionModule.pretrained")
+            motion_unet = net.unet
         else:
-            motion_adapter = MotionAdapter(**self.adapter)
-            if self.zero_init_output:
-                for name, parameter in motion_adapter.named_parameters():
-                    if "proj_out" in name:
-                        nn.init.zeros_(parameter)
-        motion_unet = UNetMotionModel.from_unet2d(net.unet, motion_adapter)
+            if self.pretrained is not None:
+                motion_adapter = MotionAdapter.from_pretrained(self.pretrained)
+            else:
+                unet = net.unet.config  # AnimateDiff's modules mirror the U-Net's levels and groups
+                sizes = {"block_out_channels": list(unet.block_out_channels), "motion_layers_per_block": unet.layers_per_block,
+                         "motion_norm_num_groups": unet.norm_num_groups, **(self.adapter or {})}
+                motion_adapter = MotionAdapter(**sizes)
+                if self.zero_init_output:
+                    for name, parameter in motion_adapter.named_parameters():
+                        if "proj_out" in name:
+                            nn.init.zeros_(parameter)
+            motion_unet = UNetMotionModel.from_unet2d(net.unet, motion_adapter)
         motion_unet.freeze_unet2d_params()  # leaves only the motion modules trainable
         if not self.train:
             motion_unet.requires_grad_(False)
@@ -242,35 +326,52 @@ class MotionModule:
 
 
 def save_motion_adapter(net: nn.Module, path: str | Path) -> Path:
-    """Save the trained motion modules of a `MotionModule` net as a diffusers `MotionAdapter`."""
+    """Save the motion modules of a `MotionModule` net as a diffusers `MotionAdapter` folder
+    (`MotionAdapter.from_pretrained(path)`, then `AnimateDiffPipeline(..., motion_adapter=...)`)."""
     from diffusers import MotionAdapter
 
-    unet = net.unet
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    config = net.unet.config
     adapter = MotionAdapter(
-        block_out_channels=config["block_out_channels"],
+        block_out_channels=tuple(config["block_out_channels"]),
         motion_layers_per_block=config["layers_per_block"],
+        motion_transformer_layers_per_block=config["temporal_transformer_layers_per_block"],
+        motion_mid_block_layers_per_block=config["mid_block_layers"],
+        motion_transformer_layers_per_mid_block=config["temporal_transformer_layers_per_mid_block"],
         motion_num_attention_heads=config["motion_num_attention_heads"],
         motion_norm_num_groups=config["norm_num_groups"],
         motion_max_seq_length=config["motion_max_seq_length"],
         use_motion_mid_block=config["use_motion_mid_block"],
     )
-    state = {k: v for k, v in unet.state_dict().items() if "motion_modules" in k}
+    state = {k: v for k, v in net.unet.state_dict().items() if "motion_modules" in k}
     missing, unexpected = adapter.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"save_motion_adapter: motion weights the adapter lacks, e.g. {unexpected[:3]}")
+    if missing or unexpected:
+        raise ValueError(
+            f"save_motion_adapter: the U-Net's motion modules do not fill a MotionAdapter of its config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     adapter.save_pretrained(str(path))
     return Path(path)
 
 
 class ControlBranch:
-    """A ControlNet-style branch (`nets/control.py`) on a `FactorizedUNet`, trained alone."""
+    """A ControlNet-style branch trained alone beside the frozen base: effvid's own on a
+    `FactorizedUNet` (`nets/control.py`), diffusers' `ControlNetModel.from_unet` on an SD-family
+    U-Net of a bundle (`nets/diffusers_control.py`)."""
 
     def __init__(self, control_channels: int = 1, hint_channels: int = 16) -> None:
         self.control_channels, self.hint_channels = control_channels, hint_channels
 
     def __call__(self, net: nn.Module) -> nn.Module:
-        return ControlledUNet(net, self.control_channels, self.hint_channels)
+        if isinstance(net, FactorizedUNet):
+            return ControlledUNet(net, self.control_channels, self.hint_channels)
+        if _is_diffusers_backbone(net):
+            from lit_models.nets.diffusers_control import DiffusersControlledUNet
+
+            return DiffusersControlledUNet(net, self.control_channels)
+        raise TypeError(
+            f"ControlBranch: a control branch copies a U-Net's encoder (effvid's, or the animatediff family's); "
+            f"{type(net).__name__} has none"
+        )
 
 
 CONTROL_SIGNALS = {"sobel_edges": sobel_edges}
@@ -307,6 +408,11 @@ class ParameterEfficientFineTuning(TextToVideo):
         control_signal: str | None = None,
         **text_to_video: Any,
     ) -> None:
+        if net is None or text_encoder is None or text_to_video.get("noise_scheduler") is None:
+            raise ValueError(
+                "ParameterEfficientFineTuning fine-tunes a pretrained bundle: pass pretrained=PATH (a diffusers "
+                "pipeline folder, a hub id or an effvid run: runs/RUN_ID)"
+            )
         injectors = list(trainable)
         net.requires_grad_(not injectors)  # no injector: full fine-tuning of the base
         for inject in injectors:
@@ -333,9 +439,12 @@ class ParameterEfficientFineTuning(TextToVideo):
     # --- what a checkpoint holds ---------------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Only the trained weights; the frozen base is found through `base`."""
-        full = super().state_dict(*args, **kwargs)
+        state = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        return type(full)((k, v) for k, v in full.items() if k[len(prefix) :] in self.trainable_names)
+        # In place: nested calls (EMA's AveragedModel) write into the caller's dict.
+        for key in [k for k in state if k.startswith(prefix) and k[len(prefix) :] not in self.trainable_names]:
+            del state[key]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False) -> Any:
         unexpected = sorted(set(state_dict) - set(super().state_dict()))

@@ -56,18 +56,23 @@ def dpo_loss(
     return loss, stats
 
 
-def epsilon_error_scale(alphas_cumprod: Tensor, timesteps: Tensor, prediction_type: str) -> Tensor:
+def epsilon_error_scale(noise_scheduler: Any, timesteps: Tensor, prediction_type: str) -> Tensor:
     """Factor `(B,)` turning a per-sample squared error in the prediction's space into the
     squared error of the implied noise estimate (the space of the paper's formula).
 
     For v = alpha eps - sigma x0 the implied noise is eps_hat = sigma x_t + alpha v_hat, so
     eps - eps_hat = alpha (v - v_hat): squared errors scale by alpha_t^2 = alphas_cumprod[t].
+    For flow matching (x_t = (1 - s) x0 + s eps, velocity u = eps - x0) the implied noise is
+    eps_hat = x_t + (1 - s) u_hat, so squared errors scale by (1 - s)^2, s = t / T.
     """
     if prediction_type == "epsilon":
         return torch.ones(timesteps.shape, device=timesteps.device)
     if prediction_type == "v_prediction":
-        return alphas_cumprod.to(timesteps.device)[timesteps].float()
-    raise ValueError(f"DPO supports epsilon and v_prediction targets, not {prediction_type!r}")
+        return noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    if prediction_type == "flow_prediction":
+        sigma = timesteps.float() / noise_scheduler.config.num_train_timesteps
+        return (1 - sigma) ** 2
+    raise ValueError(f"DPO supports epsilon, v_prediction and flow_prediction targets, not {prediction_type!r}")
 
 
 class DiffusionDPO(ParameterEfficientFineTuning):
@@ -111,30 +116,28 @@ class DiffusionDPO(ParameterEfficientFineTuning):
     def preference_errors(
         self, win: Tensor, lose: Tensor, conditioning: dict[str, Tensor], generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Per-sample errors `(B,)` of model and reference on winners and losers."""
-        batch_size = win.shape[0]
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator
-        ).to(win.device)
+        """Per-sample errors `(B,)` of model and reference on winners and losers (in diffusion
+        space: latents for a latent model)."""
+        timesteps = self.draw_timesteps(win, generator)
         noise = torch.randn(win.shape, generator=generator).to(win)  # (B, C, F, H, W)
         x0 = torch.cat([win, lose])  # (2B, C, F, H, W), same noise and t for w and l
         noise2, timesteps2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
-        x_t = self.noise_scheduler.add_noise(x0, noise2, timesteps2)
-        target = self.target(x0, noise2, timesteps2)
+        x_t, target = self.noisy_and_target(x0, noise2, timesteps2)
         conditioning2 = {k: torch.cat([v, v]) for k, v in conditioning.items()}
         scale = 1.0
         if self.error_space == "epsilon":
-            scale = epsilon_error_scale(self.noise_scheduler.alphas_cumprod, timesteps2, self.prediction_type)
+            scale = epsilon_error_scale(self.noise_scheduler, timesteps2, self.prediction_type)
         model_err = per_sample_mse(self.net(x_t, timesteps2, **conditioning2), target) * scale
         with torch.no_grad(), self.reference() as reference:
             ref_err = per_sample_mse(reference(x_t, timesteps2, **conditioning2), target) * scale
         return (*model_err.chunk(2), *ref_err.chunk(2))  # type: ignore[return-value]
 
     def _step(self, batch: dict[str, Any], stage: str, generator: torch.Generator | None) -> Tensor:
-        win, lose = batch["win"], batch["lose"]
-        conditioning = self.condition({"caption": batch["caption"], "video": win}, drop=False)
+        # Both clips of a pair go to diffusion space (the VAE's latents for a latent model).
+        win, lose = self.encode_data(batch["win"]), self.encode_data(batch["lose"])
+        conditioning = self.condition({"caption": batch["caption"], "video": batch["win"]}, drop=False)
         if self.objective == "sft":
-            loss = self.diffusion_loss(self.encode_data(win), conditioning, generator).mean()
+            loss = self.diffusion_loss(win, conditioning, generator).mean()
             self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=win.shape[0])
             return loss
         errors = self.preference_errors(win, lose, conditioning, generator)

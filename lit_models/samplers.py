@@ -1,17 +1,30 @@
-"""Inference samplers: diffusers schedulers built from the training noise schedule."""
+"""Inference samplers: diffusers schedulers built from the training noise schedule.
+
+`pipeline` is the scheduler a pretrained bundle's folder ships (the family's own sampler, e.g.
+CogVideoX's DDIM with its SNR shift, Wan's flow UniPC); the `flow_*` names are for
+flow-matching models, the others for DDPM-style (epsilon / v) ones.
+"""
 
 from __future__ import annotations
 
+import diffusers
+import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     LCMScheduler,
     TCDScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from lit_models.flow_matching import flow_shift, is_flow_matching
+
+# Where a bundle records its folder's scheduler config, `_class_name` included (the `pipeline` sampler).
+PIPELINE_SCHEDULER_KEY = "effvid_pipeline_scheduler"
 
 # name -> (scheduler class, overrides). Each is built from the training scheduler's config,
 # so beta schedule and prediction type always match what the network learned.
@@ -37,9 +50,44 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 }
 
 
-def make_sampler(name: str, train_scheduler: SchedulerMixin) -> SchedulerMixin:
-    """Return a fresh inference scheduler named `name` for a model trained with `train_scheduler`."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+# Flow-matching samplers: the velocity prediction on flow sigmas, shifted as in training.
+FLOW_SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+    "flow_euler": (FlowMatchEulerDiscreteScheduler, {}),
+    "flow_unipc": (UniPCMultistepScheduler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    "flow_dpmpp": (DPMSolverMultistepScheduler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                                                 "algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+
+def sampler_names(train_scheduler: SchedulerMixin) -> list[str]:
+    names = list(FLOW_SAMPLERS) if is_flow_matching(train_scheduler) else list(SAMPLERS)
+    return ["pipeline", *names] if train_scheduler.config.get(PIPELINE_SCHEDULER_KEY) else names
+
+
+def make_sampler(name: str, train_scheduler: SchedulerMixin, sequence_length: int | None = None) -> SchedulerMixin:
+    """Return a fresh inference scheduler named `name` for a model trained with `train_scheduler`
+    (`sequence_length`: video tokens per sample, for resolution-dependent flow shifts)."""
+    config = {k: v for k, v in train_scheduler.config.items() if k != PIPELINE_SCHEDULER_KEY}
+    allowed = sampler_names(train_scheduler)
+    if name not in allowed:
+        kind = "flow-matching" if is_flow_matching(train_scheduler) else "DDPM-style (epsilon / v)"
+        raise ValueError(f"sampler {name!r} does not fit this {kind} model; choose one of {allowed}")
+    if name == "pipeline":
+        folder_config = dict(train_scheduler.config[PIPELINE_SCHEDULER_KEY])
+        return getattr(diffusers, folder_config["_class_name"]).from_config(folder_config)
+    if name in FLOW_SAMPLERS:
+        cls, overrides = FLOW_SAMPLERS[name]
+        if cls is not FlowMatchEulerDiscreteScheduler:  # the multistep solvers take a static shift
+            shift = flow_shift(train_scheduler, sequence_length or 4096)
+            overrides = {**overrides, "flow_shift": shift, "use_dynamic_shifting": False}
+        return cls.from_config(config, **overrides)
     cls, overrides = SAMPLERS[name]
-    return cls.from_config(train_scheduler.config, **overrides)
+    sampler = cls.from_config(config, **overrides)
+    trained = getattr(train_scheduler, "alphas_cumprod", None)
+    if trained is not None and not torch.allclose(sampler.alphas_cumprod, trained):
+        # e.g. CogVideoX's snr_shift_scale, which only its own schedulers apply
+        raise ValueError(
+            f"sampler {name!r} would not reproduce this model's noise schedule "
+            f"({type(train_scheduler).__name__}); use sampler=pipeline"
+        )
+    return sampler

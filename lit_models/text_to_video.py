@@ -55,6 +55,38 @@ class TextToVideo(DiffusionModule):
         self.video_shape = tuple(video_shape)
         self.sample_fps = sample_fps
         self.sample_seed = sample_seed
+        if autoencoder is not None:
+            self.check_video_shape(autoencoder)
+
+    def check_video_shape(self, autoencoder: nn.Module) -> None:
+        """Fail at construction, naming the numbers, when the data cannot go through the VAE."""
+        channels, frames, height, width = (int(v) for v in self.video_shape)
+        vae_channels = autoencoder.vae.config.get("in_channels", channels)
+        if vae_channels != channels:
+            raise ValueError(f"data.channels={channels} but the VAE takes {vae_channels}-channel frames")
+        check = getattr(autoencoder, "check_shape", None)
+        if check is not None:
+            check(frames, height, width, where=f"data.num_frames={frames}, data.size={height}")
+
+    # --- what a checkpoint holds ----------------------------------------------------------
+    # Submodule prefixes rebuilt from `pretrained=` whenever the run is loaded (a bundle's frozen
+    # text encoder and VAE, gigabytes for the real families), so checkpoints leave them out.
+    external_parts: tuple[str, ...] = ()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        state = super().state_dict(*args, **kwargs)
+        if self.external_parts:
+            # In place: nested calls (EMA's AveragedModel) write into the caller's dict.
+            skip = tuple(kwargs.get("prefix", args[1] if len(args) > 1 else "") + p for p in self.external_parts)
+            for key in [k for k in state if k.startswith(skip)]:
+                del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False) -> Any:
+        if self.external_parts:
+            own = torch.nn.Module.state_dict(self)
+            state_dict = {**{k: v for k, v in own.items() if k.startswith(self.external_parts)}, **state_dict}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # --- latent space (identity without an autoencoder) ----------------------------------
     def encode_data(self, videos: Tensor) -> Tensor:
@@ -80,8 +112,11 @@ class TextToVideo(DiffusionModule):
         return batch["latent"]
 
     def encode_captions(self, captions: Sequence[str]) -> Conditioning:
+        """Network conditioning for captions; a pretrained family's encoder may have no pooled
+        feature or mask (its denoiser takes none), and those entries are then left out."""
         embedding = self.text_encoder.encode(list(captions))
-        return {"context": embedding.tokens, "pooled": embedding.pooled, "context_mask": embedding.mask}
+        conditioning = {"context": embedding.tokens, "pooled": embedding.pooled, "context_mask": embedding.mask}
+        return {name: value for name, value in conditioning.items() if value is not None}
 
     def condition(self, batch: dict[str, Any], drop: bool) -> Conditioning:
         captions = list(batch["caption"])
@@ -92,7 +127,7 @@ class TextToVideo(DiffusionModule):
             return self.encode_captions([c if k else "" for c, k in zip(captions, keep.tolist())])
         # Precomputed embeddings (a frozen encoder, checked against the shards' _encoder.json):
         # dropped captions take the empty caption's embedding, as in the branch above.
-        conditioning = {name: batch[name] for name in ("context", "pooled", "context_mask")}
+        conditioning = {name: batch[name] for name in ("context", "pooled", "context_mask") if name in batch}
         if keep.all():
             return conditioning
         empty = self.encode_captions([""])

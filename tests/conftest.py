@@ -3,7 +3,11 @@ and the overrides that shrink the quickstart experiment to a few seconds."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +48,18 @@ def digits_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random diffusers pipeline folders of every supported family (`tests/tiny_pipelines.py`),
+    plus an AnimateDiff `motion_adapter` for the SD folder."""
+    from tests.tiny_pipelines import FOLDER_WRITERS, write_motion_adapter
+
+    root = tmp_path_factory.mktemp("pipelines")
+    folders = {name: write(root / name) for name, write in FOLDER_WRITERS.items()}
+    folders["motion_adapter"] = write_motion_adapter(root / "motion_adapter")
+    return folders
+
+
 def tiny_overrides(data_root: Path, runs_dir: Path, max_steps: int = 4) -> list[str]:
     """The quickstart experiment with a tiny network and a few steps, for tests."""
     return [
@@ -78,3 +94,31 @@ def compose_config(overrides: list[str], config_name: str = "train"):
 
     with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
         return compose(config_name, overrides=overrides)
+
+
+def cli(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m module args`, run in this process (the CLIs' own entry points; no interpreter
+    start-up per command): its exit status and output."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            if module == "experiments.runs":
+                code = main(list(args))
+            else:
+                sys.argv = [module, *args]
+                main()
+                code = 0
+    except SystemExit as stop:  # a message instead of a number: printed to stderr, status 1
+        code = stop.code if isinstance(stop.code, int) or stop.code is None else 1
+        if not isinstance(stop.code, int) and stop.code is not None:
+            stderr.write(f"{stop.code}\n")
+    finally:
+        sys.argv = argv
+    result = subprocess.CompletedProcess([module, *args], code or 0, stdout.getvalue(), stderr.getvalue())
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result

@@ -85,7 +85,7 @@ def test_diffusers_backbone_loads_through_from_pretrained(name: str, tmp_path: P
     loaded = type(net)(pretrained=str(tmp_path / name))
     x, timesteps, conditioning = inputs()
     assert torch.equal(loaded(x, timesteps, **conditioning), net(x, timesteps, **conditioning))
-    with pytest.raises(ValueError, match="exactly one of pretrained= or config="):
+    with pytest.raises(ValueError, match="exactly one of pretrained=, config= or model="):
         type(net)(pretrained=str(tmp_path / name), config={"in_channels": 1})
 
 

@@ -16,8 +16,12 @@ SYSTEMS = ["vdm", "make_a_video", "magicvideo", "videofactory", "modelscope", "l
 REQUIRED = {
     "make_a_video": ["paradigm.clip.weights=CLIP.ckpt", "paradigm.init_from=T2I.ckpt"],
     "make_a_video_t2i": ["paradigm.clip.weights=CLIP.ckpt"],
-    "animatediff": ["base_path=SD_UNET_DIR"],
-    "animatediff_motionlora": ["base_path=SD_UNET_DIR", "motion_adapter=MOTION_ADAPTER_DIR"],
+    **{name: ["pretrained=PIPELINE_DIR"] for name in (
+        "animatediff_sd15", "cogvideox_lora", "ltx_video_lora", "wan_t2v_lora", "modelscope_t2v", "finetune_pretrained",
+        "hunyuan_video_lora",
+        "progressive_distill_pretrained")},
+    "dpo_pretrained": ["pretrained=PIPELINE_DIR", "pairs_dir=PAIRS_DIR"],
+    "animatediff_motionlora": ["pretrained=SD_DIR", "bundle.motion_adapter=MOTION_ADAPTER_DIR"],
 }
 TINY = {
     "model.channels=[8,16,16]",

@@ -147,24 +147,21 @@ def test_sobel_edges_mark_the_digit_outline() -> None:
 
 
 def tiny_diffusers_unet(tmp_path):
-    from diffusers import UNet2DConditionModel
+    from tests.tiny_pipelines import sd_unet
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
-    )  # fmt: skip
-    unet.save_pretrained(tmp_path / "unet")
+    sd_unet(in_channels=1, cross_attention_dim=16, channels=(8, 16)).save_pretrained(tmp_path / "unet")
     return tmp_path
 
 
 def test_motion_module_on_a_from_pretrained_image_unet(tmp_path) -> None:
-    from lit_models.base_models import load_diffusers_net
+    from diffusers import UNet2DConditionModel
+
+    from lit_models.nets.diffusers_video import DiffusersFrameUNet
     from lit_models.peft import save_motion_adapter
 
     folder = tiny_diffusers_unet(tmp_path)
-    base = load_diffusers_net(folder, subfolder="unet")
+    base = DiffusersFrameUNet(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
     adapter = {"block_out_channels": [8, 16], "motion_layers_per_block": 1, "motion_num_attention_heads": 2,
                "motion_norm_num_groups": 4, "motion_max_seq_length": 8}
     module = tiny_module(copy.deepcopy(base), [MotionModule(adapter=adapter)])

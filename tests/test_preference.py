@@ -53,7 +53,23 @@ def test_v_prediction_errors_convert_to_noise_errors() -> None:
     eps_hat = sigma * x_t + alpha * v_hat  # the noise a v-prediction implies
     eps_err = (noise - eps_hat).pow(2).flatten(1).mean(1)
     v_err = (v - v_hat).pow(2).flatten(1).mean(1)
-    torch.testing.assert_close(v_err * epsilon_error_scale(scheduler.alphas_cumprod, t, "v_prediction"), eps_err)
+    torch.testing.assert_close(v_err * epsilon_error_scale(scheduler, t, "v_prediction"), eps_err)
+
+
+def test_flow_velocity_errors_convert_to_noise_errors() -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from lit_models.flow_matching import flow_noised
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    torch.manual_seed(0)
+    x0, noise, u_hat = torch.randn(3, 1, 2, 4, 4), torch.randn(3, 1, 2, 4, 4), torch.randn(3, 1, 2, 4, 4)
+    t = torch.tensor([5.0, 500.0, 950.0])
+    x_t, u = flow_noised(x0, noise, t, 1000)
+    eps_hat = x_t + (1 - t / 1000).view(-1, 1, 1, 1, 1) * u_hat  # the noise a velocity implies
+    eps_err = (noise - eps_hat).pow(2).flatten(1).mean(1)
+    u_err = (u - u_hat).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(u_err * epsilon_error_scale(scheduler, t, "flow_prediction"), eps_err)
 
 
 def dpo_module(net: torch.nn.Module, trainable: list, **kwargs) -> DiffusionDPO:
@@ -203,13 +219,12 @@ def test_pairs_cli_samples_ranks_and_writes_shards_the_datamodule_reads(tiny_bas
 def test_experiment_configs_build_their_paradigm_on_a_base_checkpoint(
     experiment: str, paradigm: str, trained: str | tuple[str, ...], tiny_base_ckpt: Path, tmp_path: Path
 ) -> None:
-    from hydra.utils import instantiate
-
+    from lit_models.bundle import build_module
     from tests.conftest import compose_config
 
-    cfg = compose_config([f"experiment={experiment}", f"base_ckpt={tiny_base_ckpt}", "run_id=x",
+    cfg = compose_config([f"experiment={experiment}", f"pretrained={tiny_base_ckpt}", "run_id=x",
                           f"runs_dir={tmp_path}", f"data_root={tmp_path}"])
-    module = instantiate(cfg.paradigm, net=instantiate(cfg.model))
+    module = build_module(cfg)
     assert type(module).__name__ == paradigm and cfg.callbacks.ema is None
     markers = (trained,) if isinstance(trained, str) else trained
     assert module.trainable_names and all(any(m in k for m in markers) for k in module.trainable_names)
@@ -219,7 +234,7 @@ def test_experiment_configs_build_their_paradigm_on_a_base_checkpoint(
 def test_animatediff_configs_compose() -> None:
     from tests.conftest import compose_config
 
-    cfg = compose_config(["experiment=animatediff_motionlora", "base_path=/sd", "motion_adapter=/ma", "run_id=x"])
+    cfg = compose_config(["experiment=animatediff_motionlora", "pretrained=/sd", "bundle.motion_adapter=/ma", "run_id=x"])
     targets = [t["_target_"] for t in cfg.paradigm.trainable]
-    assert targets == ["lit_models.peft.MotionModule", "lit_models.peft.LoRA"] and cfg.model.path == "/sd"
-    assert cfg.paradigm.text_encoder.model_name == "ViT-L-14" and cfg.paradigm.text_encoder.ckpt is None
+    assert targets == ["lit_models.peft.MotionModule", "lit_models.peft.LoRA"] and cfg.model is None
+    assert cfg.pretrained == "/sd" and cfg.bundle.motion_adapter == "/ma" and cfg.callbacks.ema is None

@@ -1,4 +1,5 @@
-"""Exact resume: a training run killed with kill -9 between two checkpoints, then resumed with
+"""Exact resume: a training run killed with kill -9 between two checkpoints, or stopped by a
+signal to its whole process group (loader workers included), then resumed with
 `effvid-train resume=RUN_ID`, continues with the same batches, losses and weights as a run that
 was never interrupted; and a kill during a checkpoint save keeps the previous checkpoint."""
 
@@ -13,12 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
+# A resumed run's config.yaml is an artifact: the test's own callback must be trusted by name.
+TRUST = "trust_targets=[tests.batch_trace.BatchTrace]"
 
 
 def overrides(data_root: Path, runs_dir: Path, trace: Path, pause_after: int | None = None) -> list[str]:
@@ -37,8 +41,16 @@ def overrides(data_root: Path, runs_dir: Path, trace: Path, pause_after: int | N
 
 
 def train(*args: str) -> subprocess.Popen:
+    """effvid-train in a process group of its own (a signal to the group reaches its workers too)."""
     return subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_step(process: subprocess.Popen, trace: Path, step: int) -> None:
+    deadline = time.monotonic() + 240
+    while step not in (rows(trace) if trace.exists() else {}):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-4000:]
+        time.sleep(0.2)
 
 
 def finish(process: subprocess.Popen) -> None:
@@ -55,70 +67,79 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return checkpoint["state_dict"] | {f"raw.{k}": v for k, v in checkpoint["current_model_state"].items()}
 
 
-def test_kill_9_between_checkpoints_then_resume_continues_bitwise(digits_data_root: Path, tmp_path: Path) -> None:
+def test_kill_9_or_a_signal_to_the_group_then_resume_continues_bitwise(digits_data_root: Path, tmp_path: Path) -> None:
+    """Ctrl-C in a terminal signals the whole group, loader workers included: the run saves the
+    step it finished, exits 130 with status interrupted, and resumes like a kill -9'd run."""
     kill_after = random.choice([4, 5])  # checkpoints at 3 and 6: killed in between
+    stop_after = 9 - kill_after  # the other one: Ctrl-C to the whole group, 2 loader workers in it
     full = train(*overrides(digits_data_root, tmp_path, tmp_path / "full.jsonl"), "run_id=full")
     killed = train(*overrides(digits_data_root, tmp_path, tmp_path / "killed.jsonl", kill_after), "run_id=killed")
-    deadline = time.monotonic() + 240
-    while kill_after not in (rows(tmp_path / "killed.jsonl") if (tmp_path / "killed.jsonl").exists() else {}):
-        assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()[0][-4000:]
-        time.sleep(0.2)
+    stopped = train(*overrides(digits_data_root, tmp_path, tmp_path / "stopped.jsonl", stop_after), "run_id=stopped")
+    wait_for_step(killed, tmp_path / "killed.jsonl", kill_after)
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
     last = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert last["global_step"] == 3, f"killed after step {kill_after}"
 
-    resumed = train(f"runs_dir={tmp_path}", "resume=killed", f"callbacks.trace.path={tmp_path / 'resumed.jsonl'}",
-                    "callbacks.trace.pause_after=null")
+    wait_for_step(stopped, tmp_path / "stopped.jsonl", stop_after)
+    os.killpg(stopped.pid, signal.SIGINT)
+    output, _ = stopped.communicate(timeout=120)
+    assert stopped.returncode == 130, output[-4000:]
+    assert "killed by signal" not in output and "Traceback" not in output, output[-4000:]
+    assert f"stopped by SIGINT at step {stop_after}; continue with: effvid-train resume=stopped" in output
+    assert json.loads((tmp_path / "stopped" / "run.json").read_text())["status"] == "interrupted"
+    last = torch.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["global_step"] == stop_after  # the last finished step, not the periodic save at 3
+
+    resumed = {
+        name: train(f"runs_dir={tmp_path}", f"resume={name}", f"callbacks.trace.path={tmp_path / f'{name}-resumed.jsonl'}",
+                    "callbacks.trace.pause_after=null", TRUST)
+        for name in ("killed", "stopped")
+    }
     finish(full)
-    finish(resumed)
-    expected, got = rows(tmp_path / "full.jsonl"), rows(tmp_path / "resumed.jsonl")
-    assert sorted(got) == [4, 5, 6, 7, 8]
-    for step in got:  # same clips in the same order, bitwise-equal losses (CPU is deterministic here)
-        assert got[step]["keys"] == expected[step]["keys"], f"step {step} (killed after {kill_after})"
-        assert got[step]["loss"] == expected[step]["loss"], f"step {step} (killed after {kill_after})"
-    assert got[7]["epoch"] == 1  # the resumed run crossed into the next epoch at the same step
-    ours = weights(tmp_path / "killed" / "checkpoints" / "last.ckpt")  # the resumed run's
+    for process in resumed.values():
+        finish(process)
+    expected = rows(tmp_path / "full.jsonl")
     reference = weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
-    assert set(ours) == set(reference)
-    for name, tensor in reference.items():  # EMA and raw weights, bitwise
-        assert torch.equal(ours[name], tensor), name
+    # The periodic save at step 6 overwrote the last.ckpt the signal had written: one last.ckpt, the newest.
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == [
+        "last.ckpt", "step=000003.ckpt", "step=000006.ckpt", "step=000008.ckpt"]
+    for name, first in (("killed", 4), ("stopped", stop_after + 1)):
+        got = rows(tmp_path / f"{name}-resumed.jsonl")
+        assert sorted(got) == list(range(first, 9)), name
+        for step in got:  # same clips in the same order, bitwise-equal losses (CPU is deterministic here)
+            assert got[step]["keys"] == expected[step]["keys"], f"{name}: step {step} (kill {kill_after})"
+            assert got[step]["loss"] == expected[step]["loss"], f"{name}: step {step} (kill {kill_after})"
+        assert got[7]["epoch"] == 1  # the resumed run crossed into the next epoch at the same step
+        ours = weights(tmp_path / name / "checkpoints" / "last.ckpt")  # the resumed run's
+        assert set(ours) == set(reference)
+        for key, tensor in reference.items():  # EMA and raw weights, bitwise
+            assert torch.equal(ours[key], tensor), f"{name}: {key}"
 
 
-def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_run_resumes(digits_data_root: Path, tmp_path: Path) -> None:
-    args = [*overrides(digits_data_root, tmp_path, tmp_path / "trace.jsonl", pause_after=3), "data.num_workers=0",
-            "trainer.limit_val_batches=0", "callbacks.checkpoint.every_n_train_steps=2", "run_id=pre"]
-    run = train(*args)
-    deadline = time.monotonic() + 240
-    while 3 not in (rows(tmp_path / "trace.jsonl") if (tmp_path / "trace.jsonl").exists() else {}):
-        assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0][-4000:]
-        time.sleep(0.2)
-    run.send_signal(signal.SIGTERM)
-    output, _ = run.communicate(timeout=120)
-    assert run.returncode == 0, output[-4000:]
-    assert "continue with: effvid-train resume=pre" in output
-    last = torch.load(tmp_path / "pre" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert last["global_step"] == 3  # saved on the signal, not the periodic one at step 2
-    assert json.loads((tmp_path / "pre" / "run.json").read_text())["status"] == "interrupted"
-    finish(train(f"runs_dir={tmp_path}", "resume=pre", "callbacks.trace.pause_after=null", "trainer.max_steps=5"))
-    assert [r["step"] for r in map(json.loads, (tmp_path / "trace.jsonl").read_text().splitlines())] == [1, 2, 3, 4, 5]
-
-
-def test_sigusr1_asks_lightning_to_stop_like_sigterm() -> None:
-    # SLURM's pre-emption warning; outside SLURM's auto-requeue it takes SIGTERM's path above.
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGUSR1, 0), (signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_asks_lightning_to_stop_and_sets_the_exit_code(signum: int, exit_code: int) -> None:
+    # SIGUSR1 is SLURM's pre-emption warning (exit 0, so a requeued job is not marked failed);
+    # outside SLURM's auto-requeue it takes the same path as the others.
     from types import SimpleNamespace
 
     from experiments.run_callbacks import PreemptionCheckpoint
+    from experiments.train import stopped_by_signal
 
-    trainer = SimpleNamespace(_signal_connector=SimpleNamespace(received_sigterm=False))
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    callback = PreemptionCheckpoint("ckpts", "run")
+    trainer = SimpleNamespace(_signal_connector=SimpleNamespace(received_sigterm=False), callbacks=[callback],
+                              global_step=7)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
-        PreemptionCheckpoint("ckpts", "run").on_train_start(trainer, None)
-        os.kill(os.getpid(), signal.SIGUSR1)
+        callback.on_train_start(trainer, None)
+        os.kill(os.getpid(), signum)
         time.sleep(0.05)
-        assert trainer._signal_connector.received_sigterm
+        assert trainer._signal_connector.received_sigterm and callback.signal_received == signum
+        assert stopped_by_signal(trainer, "r", owner=True) == exit_code
+        assert stopped_by_signal(trainer, "r", owner=False) == 0  # other ranks: Lightning's launcher reads non-zero as a crash
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 KILL_DURING_SAVE = """

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +13,7 @@ from hydra.errors import ConfigCompositionException
 from data_tools.video_io import decode_mp4
 from experiments.run_dir import RunError
 from experiments.train import prepare_argv, run_training
-from tests.conftest import compose_config, tiny_overrides
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{module} {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
+from tests.conftest import cli, compose_config, tiny_overrides
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)

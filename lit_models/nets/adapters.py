@@ -1,4 +1,5 @@
-"""SimDA adapters (Xing et al. 2023) inserted into a built `FactorizedUNet` without editing it.
+"""SimDA adapters (Xing et al. 2023) inserted into a built network without editing it: effvid's
+`FactorizedUNet` or a pretrained bundle's diffusers denoiser (`lit_models/peft.py` places them).
 
 - spatial adapters: a bottleneck MLP (ratio 0.25, GELU) after each spatial self-attention and
   one beside (in parallel with) each feed-forward;
@@ -14,6 +15,7 @@ they were, under the same names plus `.base`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from einops import rearrange
 from torch import Tensor, nn
@@ -61,14 +63,18 @@ class FrameCount:
 
 
 class AfterAdapter(nn.Module):
-    """`base(x) + adapter(base(x))`: an adapter after a layer (SimDA's after-attention place)."""
+    """`base(x) + adapter(base(x))`: an adapter after a layer (SimDA's after-attention place).
+    An attention that also returns the text stream (diffusers' CogVideoX blocks) gets the
+    adapter on its video output only."""
 
     def __init__(self, base: nn.Module, adapter: nn.Module) -> None:
         super().__init__()
         self.base, self.adapter = base, adapter
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base(x, *args, **kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (out[0] + self.adapter(out[0]), *out[1:])
         return out + self.adapter(out)
 
 
@@ -79,16 +85,18 @@ class ParallelAdapter(nn.Module):
         super().__init__()
         self.base, self.adapter = base, adapter
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + self.adapter(x)
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        x = args[0] if args else kwargs["hidden_states"]
+        return self.base(*args, **kwargs) + self.adapter(x)
 
 
 class ResBlockWithTemporalAdapter(nn.Module):
-    """A ResBlock followed by a temporal adapter."""
+    """A ResBlock (frames folded into the batch) followed by a temporal adapter."""
 
     def __init__(self, base: nn.Module, adapter: TemporalAdapter, frames: FrameCount) -> None:
         super().__init__()
         self.base, self.adapter, self.frames = base, adapter, frames
 
-    def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
-        return self.adapter(self.base(x, embedding), self.frames.value)
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        # effvid's ResBlock(x, embedding); diffusers' ResnetBlock2D(input_tensor=..., temb=...)
+        return self.adapter(self.base(*args, **kwargs), self.frames.value)
