@@ -130,7 +130,8 @@ class OpenClipTextEncoder(nn.Module):
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises several types for missing or foreign files
-            raise ValueError(f"OpenClipTextEncoder: cannot read weights {path}: {error}") from None
+            hint = " (train it: effvid-train experiment=digits_text_pretraining run_id=digits-text)" if "digits-text" in str(path) else ""
+            raise ValueError(f"OpenClipTextEncoder: cannot read weights {path}: {error}{hint}") from None
         state = _strip_prefix(checkpoint.get("state_dict", checkpoint), "text_encoder.")
         if not state:
             raise ValueError(f"OpenClipTextEncoder: {path} holds no text_encoder.* weights")

@@ -78,6 +78,7 @@ def tiny_overrides(data_root: Path, runs_dir: Path, max_steps: int = 4) -> list[
         "paradigm.text_encoder.text_cfg.width=16",
         "paradigm.text_encoder.text_cfg.layers=1",
         "paradigm.text_encoder.embed_dim=16",
+        "paradigm.text_encoder.weights=null",  # a tiny random tower, not the text stage's
         "paradigm.sample_steps=2",
         "paradigm.val_samples_per_prompt=1",
         "paradigm.lr_scheduler.num_warmup_steps=1",
