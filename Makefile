@@ -23,7 +23,12 @@ data: $(STAMP)
 	$(BIN)/effvid-data shard --input $(DATA)/digits/videos/train --out $(DATA)/digits/shards/train --shard-size 250
 	$(BIN)/effvid-data shard --input $(DATA)/digits/videos/val --out $(DATA)/digits/shards/val --shard-size 32
 
-quickstart: data
+# The quickstart's frozen text tower: its caption-clip pretraining stage, run once.
+TEXT_TOWER := runs/digits-text/checkpoints/last.ckpt
+$(TEXT_TOWER): | data
+	$(BIN)/effvid-train experiment=digits_text_pretraining run_id=digits-text
+
+quickstart: data $(TEXT_TOWER)
 	$(BIN)/effvid-train experiment=digits_quickstart
 	$(BIN)/effvid-sample run=latest samples_per_prompt=3
 	$(BIN)/effvid-runs list

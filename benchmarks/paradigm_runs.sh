@@ -22,6 +22,11 @@ if [ ! -d "$IMAGES" ]; then
   effvid-data images --input "$IMAGE_ROOT/digit_images/train" --out "$IMAGES" --shard-size 250
 fi
 
+# The quickstart recipe's frozen text tower (its caption-clip stage), trained once per runs dir.
+if [ ! -f "$RUNS_DIR/digits-text/checkpoints/last.ckpt" ]; then
+  effvid-train experiment=digits_text_pretraining run_id=digits-text data_root="$DATA_ROOT" runs_dir="$RUNS_DIR"
+fi
+
 COMMON=(
   data_root="$DATA_ROOT" runs_dir="$RUNS_DIR" trainer.max_steps="$STEPS"
   trainer.val_check_interval="$STEPS" callbacks.checkpoint.every_n_train_steps="$STEPS"

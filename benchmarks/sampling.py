@@ -8,7 +8,8 @@
 
 Every setting draws the same prompts (digits 0-9 x directions, cycled) from the same seed, and
 reports NFE (network calls; a guided call evaluates the conditional and unconditional halves
-as one batch), wall seconds per video, the digit metric (`lit_models.metrics`) and, where asked,
+as one batch), wall seconds per video, the digit metric (`lit_models.metrics`), the video
+Frechet distance to real clips (`video_fd`, `lit_models.video_classifier`) and, where asked,
 frame FID against held-out real clips (`lit_models.fid`; needs the `metrics` extra). Rows are
 appended to a JSON-lines file so several invocations (teacher, students) make one table.
 """
@@ -27,7 +28,7 @@ from lit_models.feature_cache import deep_cache
 from lit_models.metrics import DIRECTIONS
 
 COLUMNS = ("label", "sampler", "steps", "cache", "nfe", "sec_per_video", "digit_accuracy", "digit_se",
-           "temporal_consistency", "direction_accuracy", "fid", "videos")  # fmt: skip
+           "temporal_consistency", "direction_accuracy", "video_fd", "fid", "videos")  # fmt: skip
 PER_VIDEO = "per_video_digit_accuracy"
 
 
@@ -156,8 +157,9 @@ def merge_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if all(key in p for p in parts):
                 row[key] = sum(p[key] * p["videos"] for p in parts) / videos
         row["nfe"] = max(p["nfe"] for p in parts)
-        if len(parts) > 1:
-            row.pop("fid", None)  # FID of one part's frames is not the merged set's
+        if len(parts) > 1:  # a Frechet distance of one part's videos is not the merged set's
+            row.pop("fid", None)
+            row.pop("video_fd", None)
         if all(PER_VIDEO in p for p in parts):
             per_video = torch.tensor([a for p in sorted(parts, key=lambda p: p.get("first_video", 0)) for a in p[PER_VIDEO]])
             row[PER_VIDEO] = per_video.tolist()

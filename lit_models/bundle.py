@@ -288,6 +288,11 @@ def load_run(ckpt: str | Path, weights: str = "auto") -> tuple[nn.Module, DictCo
     """
     checkpoint = read_checkpoint(ckpt)
     cfg = run_config(checkpoint, ckpt)
+    text_encoder = cfg.paradigm.get("text_encoder")
+    if text_encoder is not None and text_encoder.get("weights"):
+        # A pretrained text tower's file is only where training started: the checkpoint holds
+        # the tower, so a run copied elsewhere loads without it.
+        text_encoder.weights = None
     module = build_module(cfg)
     state, kind = checkpoint_weights(checkpoint, weights, ckpt)
     result = module.load_state_dict(state, strict=False)

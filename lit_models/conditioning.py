@@ -75,6 +75,12 @@ class OpenClipTextEncoder(nn.Module):
         freeze_token_embedding: when trainable, keep the 49408-row token table fixed. On a
             CPU, AdamW's dense update of that table costs more than the rest of a tiny tower;
             random fixed token vectors stay distinguishable and the layers above learn.
+        weights: a checkpoint whose `text_encoder.*` entries are this tower (the caption-clip
+            pretraining stage, `lit_models/text_pretraining.py`), loaded after building it.
+        caption_projection: a trainable residual MLP on the tower's token and pooled features,
+            trained with the video model even when the tower is frozen (PixArt-alpha's caption
+            projection over frozen T5). Zero-initialised output: at step 0 the features are the
+            tower's own.
     """
 
     def __init__(
@@ -85,6 +91,8 @@ class OpenClipTextEncoder(nn.Module):
         embed_dim: int | None = None,
         trainable: bool = False,
         freeze_token_embedding: bool = False,
+        weights: str | None = None,
+        caption_projection: bool = False,
     ) -> None:
         super().__init__()
         if text_cfg is not None:
@@ -105,12 +113,29 @@ class OpenClipTextEncoder(nn.Module):
                 f"OpenClipTextEncoder: text tower vocab_size={self.text.vocab_size} is smaller than the "
                 f"tokenizer's vocabulary ({vocab_size})"
             )
+        if weights is not None:
+            self.load_pretrained(weights)
         self.trainable = trainable
         if not trainable:
             self.requires_grad_(False)
             self.eval()
         elif freeze_token_embedding:
             self.text.token_embedding.requires_grad_(False)
+        # Built after the freeze above: the projection always trains.
+        self.token_projection = _ResidualProjection(self.token_dim) if caption_projection else None
+        self.pooled_projection = _ResidualProjection(self.pooled_dim) if caption_projection else None
+
+    def load_pretrained(self, path: str) -> None:
+        """Load the tower from a checkpoint's `text_encoder.*` entries."""
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for missing or foreign files
+            hint = " (train it: effvid-train experiment=digits_text_pretraining run_id=digits-text)" if "digits-text" in str(path) else ""
+            raise ValueError(f"OpenClipTextEncoder: cannot read weights {path}: {error}{hint}") from None
+        state = _strip_prefix(checkpoint.get("state_dict", checkpoint), "text_encoder.")
+        if not state:
+            raise ValueError(f"OpenClipTextEncoder: {path} holds no text_encoder.* weights")
+        self.text.load_state_dict(_strip_prefix(state, "text."))
 
     @property
     def token_dim(self) -> int:
@@ -125,8 +150,12 @@ class OpenClipTextEncoder(nn.Module):
         return self.text.context_length
 
     def train(self, mode: bool = True) -> OpenClipTextEncoder:
-        # A frozen encoder stays in eval mode whatever the LightningModule around it does.
-        return super().train(mode and self.trainable)
+        # A frozen tower stays in eval mode whatever the LightningModule around it does.
+        super().train(mode and self.trainable)
+        for projection in (getattr(self, "token_projection", None), getattr(self, "pooled_projection", None)):
+            if projection is not None:  # None also while __init__ runs, before they exist
+                projection.train(mode)
+        return self
 
     def tokenize(self, captions: list[str]) -> Tensor:
         """Token ids `(B, L)`, padded with the tower's pad id, truncated to its context length."""
@@ -136,12 +165,27 @@ class OpenClipTextEncoder(nn.Module):
         # tokens: (B, L) int64
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             pooled, features = self.text(tokens)  # (B, P), (B, L, D)
+        if self.token_projection is not None:
+            features, pooled = self.token_projection(features), self.pooled_projection(pooled)
         return TextEmbedding(tokens=features, pooled=pooled, mask=tokens != self.text.pad_id)
 
     def encode(self, captions: list[str]) -> TextEmbedding:
         """Tokenize on the CPU and embed on the module's device."""
         device = next(self.parameters()).device
         return self(self.tokenize(captions).to(device))
+
+
+class _ResidualProjection(nn.Module):
+    """x + MLP(x), the MLP's output layer zero-initialised."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.mlp(x)
 
 
 def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -161,9 +161,12 @@ class DiffusionModule(L.LightningModule):
         self.log("val/loss", loss, batch_size=x0.shape[0], sync_dist=True)
         return loss
 
+    def parameter_groups(self) -> list[Tensor] | list[dict[str, Any]]:
+        """What the optimizer trains: the trainable parameters, or param groups with own lrs."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = self.optimizer_factory(self.parameter_groups())
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)

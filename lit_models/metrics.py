@@ -167,6 +167,7 @@ def score_digit_videos(
     directions: Sequence[str] | None = None,
     digit_fraction: float = 0.5,
     classifier: DigitClassifier | None = None,
+    video_fd: bool = True,
 ) -> dict[str, float]:
     """Digit metric for videos `(B, C, F, H, W)` in [-1, 1] prompted with `digits` (and
     `directions`).
@@ -174,7 +175,9 @@ def score_digit_videos(
     Returns `digit_accuracy` (fraction of frames read as the prompted digit),
     `temporal_consistency` (fraction of frames agreeing with their clip's majority reading)
     and, with directions, `direction_accuracy` (fraction of clips whose centre of mass moves
-    first -> last frame in the prompted direction, nearest of 8).
+    first -> last frame in the prompted direction, nearest of 8) and, for two or more 8-frame
+    clips and `video_fd`, `video_fd`: the Frechet distance of a spatio-temporal classifier's
+    features to real held-out clips with the same captions (`lit_models.video_classifier`).
     """
     if videos.ndim != 5:
         raise ValueError(f"score_digit_videos: videos must be (B, C, F, H, W), got shape {tuple(videos.shape)}")
@@ -203,4 +206,8 @@ def score_digit_videos(
             for i in range(batch_size)
         ]
         scores["direction_accuracy"] = float(np.mean([m == d for m, d in zip(moved, directions)]))
+        from lit_models.video_classifier import NUM_FRAMES, digit_video_fd  # it imports this module
+
+        if video_fd and batch_size >= 2 and num_frames == NUM_FRAMES:
+            scores["video_fd"] = digit_video_fd(videos, digits, directions)
     return scores

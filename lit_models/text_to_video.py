@@ -30,6 +30,10 @@ class TextToVideo(DiffusionModule):
         sample_fps: frame rate of the written sample mp4s.
         autoencoder: a frozen `FrameAutoencoder` to diffuse in its latent space (clips are
             encoded per frame before noising, samples decoded); None diffuses pixels.
+        text_encoder_lr_scale: the trainable text encoder's learning rate as a multiple of the
+            optimizer's (diffusers' training scripts' separate text-encoder lr). Adam moves every
+            weight by about lr per step whatever its gradient; the denoising loss's gradient
+            on the tower is mostly noise, so at the net's lr a small tower drifts.
         **diffusion: `DiffusionModule` arguments.
     """
 
@@ -44,6 +48,7 @@ class TextToVideo(DiffusionModule):
         sample_fps: float = 4.0,
         sample_seed: int = 0,
         autoencoder: FrameAutoencoder | None = None,
+        text_encoder_lr_scale: float = 1.0,
         **diffusion: Any,
     ) -> None:
         super().__init__(net=net, **diffusion)
@@ -55,8 +60,20 @@ class TextToVideo(DiffusionModule):
         self.video_shape = tuple(video_shape)
         self.sample_fps = sample_fps
         self.sample_seed = sample_seed
+        self.text_encoder_lr_scale = text_encoder_lr_scale
         if autoencoder is not None:
             self.check_video_shape(autoencoder)
+
+    def parameter_groups(self) -> list[Tensor] | list[dict[str, Any]]:
+        params = super().parameter_groups()
+        if self.text_encoder_lr_scale == 1.0:
+            return params
+        text = {id(p) for p in self.text_encoder.parameters()}
+        lr = self.optimizer_factory.keywords["lr"] * self.text_encoder_lr_scale
+        return [
+            {"params": [p for p in params if id(p) not in text]},
+            {"params": [p for p in params if id(p) in text], "lr": lr},
+        ]
 
     def check_video_shape(self, autoencoder: nn.Module) -> None:
         """Fail at construction, naming the numbers, when the data cannot go through the VAE."""

@@ -16,6 +16,24 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def metric_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temporary `$EFFVID_CACHE` (for this process and the CLIs tests start) holding a video
+    classifier fit in seconds: every validation on digit prompts reports `video_fd`, and the
+    full classifier (a minute or more to fit) has no place in a test or in the user's cache."""
+    import torch
+
+    from lit_models.video_classifier import DigitVideoClassifier, cache_path
+
+    cache = tmp_path_factory.mktemp("effvid_cache")
+    os.environ["EFFVID_CACHE"] = str(cache)
+    torch.manual_seed(0)
+    classifier = DigitVideoClassifier()
+    classifier.fit(num_clips=256, epochs=2, test_clips=16)
+    classifier.save(cache_path())
+    return cache
+
+
 @pytest.fixture(scope="session")
 def digits_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`ROOT/digits/shards/{train,val}` as the digits data config expects, 24 + 8 clips."""
@@ -60,6 +78,7 @@ def tiny_overrides(data_root: Path, runs_dir: Path, max_steps: int = 4) -> list[
         "paradigm.text_encoder.text_cfg.width=16",
         "paradigm.text_encoder.text_cfg.layers=1",
         "paradigm.text_encoder.embed_dim=16",
+        "paradigm.text_encoder.weights=null",  # a tiny random tower, not the text stage's
         "paradigm.sample_steps=2",
         "paradigm.val_samples_per_prompt=1",
         "paradigm.lr_scheduler.num_warmup_steps=1",

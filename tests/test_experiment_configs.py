@@ -28,6 +28,7 @@ TINY = {
     "paradigm.text_encoder.text_cfg.width=16",
     "paradigm.text_encoder.text_cfg.layers=1",
     "paradigm.text_encoder.embed_dim=16",
+    "paradigm.text_encoder.weights=null",  # the quickstart's text stage is not trained here
 }
 
 

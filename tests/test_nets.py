@@ -174,6 +174,43 @@ def test_frozen_text_encoder_stays_frozen_and_in_eval():
     assert not encoder.encode(["a handwritten 3 moving right"]).pooled.requires_grad
 
 
+def test_caption_projection_starts_as_the_frozen_tower_and_is_all_that_trains(tmp_path):
+    torch.manual_seed(0)
+    plain = OpenClipTextEncoder(text_cfg=TINY_TEXT, embed_dim=16, trainable=False)
+    torch.save({"state_dict": {f"text_encoder.{k}": v for k, v in plain.state_dict().items()}}, tmp_path / "tower.ckpt")
+    torch.manual_seed(1)  # another random tower, replaced by the checkpoint's
+    projected = OpenClipTextEncoder(text_cfg=TINY_TEXT, embed_dim=16, trainable=False, caption_projection=True,
+                                    weights=str(tmp_path / "tower.ckpt"))
+    captions = ["a handwritten 7 moving up-left", "a handwritten 1 moving down"]
+    with torch.no_grad():
+        before, after = plain.encode(captions), projected.encode(captions)
+    torch.testing.assert_close(after.tokens, before.tokens, rtol=0, atol=0)
+    torch.testing.assert_close(after.pooled, before.pooled, rtol=0, atol=0)
+
+    nn.ModuleDict({"text": projected}).train()
+    assert not projected.text.training and projected.token_projection.training
+    embedding = projected.encode(captions)
+    (embedding.tokens.sum() + embedding.pooled.sum()).backward()
+    trained = {n for n, p in projected.named_parameters() if p.grad is not None}
+    assert trained and all(n.startswith(("token_projection.", "pooled_projection.")) for n in trained)
+
+
+def test_text_encoder_lr_scale_gives_the_tower_its_own_learning_rate():
+    from lit_models.text_to_video import TextToVideo
+
+    encoder = OpenClipTextEncoder(text_cfg=TINY_TEXT, embed_dim=32, trainable=True, freeze_token_embedding=True)
+    from diffusers import DDPMScheduler
+
+    model = TextToVideo(net=tiny_unet(), text_encoder=encoder, text_encoder_lr_scale=0.1, noise_scheduler=DDPMScheduler(),
+                        optimizer=partial(torch.optim.AdamW, lr=2e-3))
+    groups = model.configure_optimizers().param_groups
+    assert [g["lr"] for g in groups] == [2e-3, pytest.approx(2e-4)]
+    text = {id(p) for p in encoder.parameters() if p.requires_grad}
+    assert {id(p) for p in groups[1]["params"]} == text
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)  # nothing trained twice or left out
+
+
 def test_text_encoder_loads_the_text_tower_of_a_named_pretrained_model(monkeypatch):
     """The `pretrained` path, with open_clip's download replaced by a random CLIP."""
     torch.manual_seed(0)

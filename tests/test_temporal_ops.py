@@ -12,6 +12,7 @@ from torch import nn
 from lit_models.nets import (
     AlphaMixed,
     FactorizedUNet,
+    SpaceTimeAttention,
     SwappedCrossAttention,
     TemporalAttention,
     TemporalConv,
@@ -20,10 +21,13 @@ from lit_models.nets import (
 
 OPS = {
     "attention": partial(TemporalAttention, heads=4),
+    "attention_frame_positions": partial(TemporalAttention, heads=4, frame_positions=True),
     "conv1d": TemporalConv,
+    "conv1d_frame_positions": partial(TemporalConv, frame_positions=True),
     "shift": TemporalShift,
     "causal_attention": partial(TemporalAttention, heads=4, causal=True),
     "swapped_cross_attention": partial(SwappedCrossAttention, heads=4),
+    "spacetime_attention": partial(SpaceTimeAttention, heads=2),
     "alpha_attention": partial(AlphaMixed, op=partial(TemporalAttention, heads=4)),
     "alpha_shift": partial(AlphaMixed, op=TemporalShift),
 }
@@ -75,6 +79,71 @@ def test_masked_image_frames_pass_unchanged_and_feed_nothing_to_the_video(name):
 def test_image_frames_mask_must_match_the_batch():
     with pytest.raises(ValueError, match=r"expected \(B, F\) = \(2, 3\)"):
         TemporalConv(16)(clips(2, 3), 3, torch.zeros(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", ["attention", "conv1d"])
+def test_frame_positions_tell_the_frames_of_a_still_clip_apart(name):
+    """Without them every frame of a clip of identical frames gets the same output (attention)
+    or differs only through the padding at the clip's ends (conv); with them each frame knows
+    its index, which the mean of a prompted motion needs."""
+    torch.manual_seed(0)
+    plain, positioned = OPS[name](16), OPS[f"{name}_frame_positions"](16)
+    randomize_(plain)
+    positioned.load_state_dict(plain.state_dict(), strict=False)
+    still = torch.randn(1, 1, 16, 3, 3).expand(2, 6, 16, 3, 3).flatten(0, 1)  # 6 identical frames
+    out_plain = plain(still, 6).view(2, 6, 16, 3, 3)
+    out_positioned = positioned(still, 6).view(2, 6, 16, 3, 3)
+    inner = out_plain[:, 1:5] - out_plain[:, 2:3]  # frames away from the ends
+    assert inner.abs().max() < 1e-5
+    assert (out_positioned[:, 1:5] - out_positioned[:, 2:3]).abs().amax(dim=(0, 2, 3, 4))[[0, 2, 3]].min() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["index", "index_and_text"])
+def test_unet_frame_embedding_gives_frame_dependent_outputs_and_leaves_images_alone(kind):
+    torch.manual_seed(0)
+    net = FactorizedUNet(
+        channels=(16, 32), attention_levels=(False, True), temporal_levels=(True, True),
+        context_dim=32, pooled_dim=32, temporal=OPS["attention"], frame_embedding=kind,
+    )  # fmt: skip
+    randomize_(net)
+    t, cond = torch.tensor([3, 700]), {"context": torch.randn(2, 5, 32), "pooled": torch.randn(2, 32)}
+    still = torch.randn(2, 1, 1, 8, 8).expand(2, 1, 4, 8, 8)
+    out = net(still, t, **cond)
+    assert (out[:, :, 1:] - out[:, :, :1]).abs().amax(dim=(0, 1, 3, 4)).min() > 1e-3
+    # An image appended to the clip (VDM's joint batch) is processed as that image alone.
+    image = torch.randn(2, 1, 1, 8, 8)
+    joint = net(torch.cat([still, image], dim=2), t, **cond, image_frames=torch.tensor([[False] * 4 + [True]] * 2))
+    torch.testing.assert_close(joint[:, :, 4:], net(image, t, **cond), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(joint[:, :, :4], out, atol=1e-4, rtol=1e-4)
+
+
+def test_space_time_attention_reads_other_positions_of_other_frames():
+    """What the factorized ops cannot do: frame 0 at one position changes frame 1 at another."""
+    torch.manual_seed(0)
+    op = OPS["spacetime_attention"](16)
+    randomize_(op)
+    x = torch.randn(1, 2, 16, 3, 3)
+    moved = x.clone()
+    moved[0, 0, :, 0, 0] += torch.randn(16)  # frame 0, top-left corner
+    before, after = (op(v.flatten(0, 1), 2).view_as(x) for v in (x, moved))
+    assert (after[0, 1, :, 2, 2] - before[0, 1, :, 2, 2]).abs().max() > 1e-3  # frame 1, bottom-right
+    factorized = OPS["attention"](16)
+    randomize_(factorized)
+    before, after = (factorized(v.flatten(0, 1), 2).view_as(x) for v in (x, moved))
+    torch.testing.assert_close(after[0, 1, :, 2, 2], before[0, 1, :, 2, 2])
+
+
+def test_space_time_rope_depends_only_on_offsets():
+    """Rotary scores: shifting query and key by the same space-time offset keeps the score."""
+    from lit_models.nets.temporal import space_time_rope
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 12).expand(1, 1, 4 * 3 * 3, 12), torch.randn(1, 1, 1, 12).expand(1, 1, 4 * 3 * 3, 12)
+    rope = space_time_rope(4, 3, 3, 12, theta=100.0, device=torch.device("cpu"))
+    scores = (apply_rotary_emb(q, rope)[0, 0] @ apply_rotary_emb(k, rope)[0, 0].T).view(4, 3, 3, 4, 3, 3)
+    torch.testing.assert_close(scores[0, 0, 0, 1, 1, 0], scores[2, 1, 2, 3, 2, 2])  # offset (+1 frame, +1 row, -2 cols)
+    assert not torch.allclose(scores[0, 0, 0, 1, 1, 0], scores[0, 0, 0, 1, 0, 1])
 
 
 @pytest.mark.parametrize("name", ["causal_attention"])

@@ -2,6 +2,7 @@
 
 from lit_models.nets.temporal import (
     AlphaMixed,
+    SpaceTimeAttention,
     SwappedCrossAttention,
     TemporalAttention,
     TemporalConv,
@@ -12,6 +13,7 @@ from lit_models.nets.unet import FactorizedUNet
 __all__ = [
     "AlphaMixed",
     "FactorizedUNet",
+    "SpaceTimeAttention",
     "SwappedCrossAttention",
     "TemporalAttention",
     "TemporalConv",

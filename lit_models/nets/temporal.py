@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import SinusoidalPositionalEmbedding, apply_rotary_emb, get_1d_rotary_pos_embed
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -57,6 +58,25 @@ def frame_attention_mask(video: Tensor, causal: bool) -> Tensor:
     return allowed | torch.eye(num_frames, dtype=torch.bool, device=video.device)
 
 
+def frame_position_encoding(channels: int, max_frames: int, enabled: bool) -> SinusoidalPositionalEmbedding | None:
+    """AnimateDiff's motion-module position encoding: sinusoids of the frame index added to the
+    normalised features before an op mixes frames.
+
+    Without it an op sees where a frame sits only relative to the others (a relative bias, a
+    conv's zero padding at the clip ends), so at high noise, where every frame's input is
+    alike, it cannot place the digit of frame 0 before that of frame 7: the mean of the
+    prompted motion is out of reach and samples drift in no particular direction.
+    """
+    return SinusoidalPositionalEmbedding(channels, max_frames) if enabled else None
+
+
+def add_frame_positions(h: Tensor, positions: SinusoidalPositionalEmbedding | None) -> Tensor:
+    """`h` `(..., F, C)` plus the encoding of frames 0..F-1 (unchanged without one)."""
+    if positions is None:
+        return h
+    return h + positions.pe[0, : h.shape[-2]].to(h.dtype)  # (F, C) broadcast over the leading dims
+
+
 class TemporalAttention(nn.Module):
     """Self-attention over the frames at each spatial position (VDM), with a learned relative
     position bias over time (per head, zero at init, so attention starts uniform).
@@ -67,9 +87,13 @@ class TemporalAttention(nn.Module):
         max_frames: longest clip the relative bias covers.
         causal: frame t attends only to frames <= t (MagicVideo's directed attention; also
             what autoregressive extension needs).
+        frame_positions: add sinusoidal encodings of the absolute frame index to the
+            normalised features (AnimateDiff), see `frame_position_encoding`.
     """
 
-    def __init__(self, channels: int, heads: int = 4, max_frames: int = 64, causal: bool = False) -> None:
+    def __init__(
+        self, channels: int, heads: int = 4, max_frames: int = 64, causal: bool = False, frame_positions: bool = False
+    ) -> None:
         super().__init__()
         if channels % heads:
             raise ValueError(f"TemporalAttention: channels={channels} is not divisible by heads={heads}")
@@ -77,6 +101,7 @@ class TemporalAttention(nn.Module):
         self.max_frames = max_frames
         self.causal = causal
         self.norm = nn.LayerNorm(channels)
+        self.positions = frame_position_encoding(channels, max_frames, frame_positions)
         self.to_qkv = nn.Linear(channels, 3 * channels, bias=False)
         self.relative_bias = nn.Parameter(torch.zeros(heads, 2 * max_frames - 1))
         self.to_out = zero_init(nn.Linear(channels, channels))
@@ -106,7 +131,8 @@ class TemporalAttention(nn.Module):
             raise ValueError(f"TemporalAttention: {num_frames} frames exceed max_frames={self.max_frames}")
         height, width = x.shape[-2:]
         h = rearrange(x, "(b f) c h w -> b (h w) f c", f=num_frames)
-        q, k, v = rearrange(self.to_qkv(self.norm(h)), "b s f (three m d) -> three b s m f d", three=3, m=self.heads)
+        h = add_frame_positions(self.norm(h), self.positions)
+        q, k, v = rearrange(self.to_qkv(h), "b s f (three m d) -> three b s m f d", three=3, m=self.heads)
         video = None if image_frames is None else video_frames_mask(image_frames, x.shape[0], num_frames, x.device)
         bias = self.attention_bias(num_frames, video).to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H*W, heads, F, d)
@@ -118,13 +144,15 @@ class TemporalAttention(nn.Module):
 class TemporalConv(nn.Module):
     """Pseudo-3D temporal convolution (Make-A-Video, ModelScope): a 1D conv over frames at each
     spatial position, as a zero-initialised residual, i.e. the identity at init. Frames beyond
-    the clip's ends, and image frames, are seen as zeros."""
+    the clip's ends, and image frames, are seen as zeros. `frame_positions` as in
+    `TemporalAttention`."""
 
-    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+    def __init__(self, channels: int, kernel_size: int = 3, max_frames: int = 64, frame_positions: bool = False) -> None:
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"TemporalConv: kernel_size must be odd to keep the frame count, got {kernel_size}")
         self.norm = nn.LayerNorm(channels)
+        self.positions = frame_position_encoding(channels, max_frames, frame_positions)
         self.conv = zero_init(nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2))
 
     @property
@@ -135,12 +163,88 @@ class TemporalConv(nn.Module):
         if num_frames == 1:
             return x
         height, width = x.shape[-2:]
-        h = F.silu(self.norm(rearrange(x, "(b f) c h w -> b h w f c", f=num_frames)))
+        h = F.silu(add_frame_positions(self.norm(rearrange(x, "(b f) c h w -> b h w f c", f=num_frames)), self.positions))
         video = None if image_frames is None else video_frames_mask(image_frames, x.shape[0], num_frames, x.device)
         if video is not None:
             h = h * rearrange(video, "b f -> b 1 1 f 1").to(h.dtype)  # images feed nothing to neighbours
         out = self.conv(rearrange(h, "b h w f c -> (b h w) c f"))  # (B*H*W, C, F)
         delta = rearrange(out, "(b h w) c f -> (b f) c h w", h=height, w=width)
+        return x + delta if video is None else keep_image_frames(x, delta, video)
+
+
+def space_time_rope(num_frames: int, height: int, width: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Rotary embeddings `(cos, sin)`, each `(F*H*W, head_dim)`, of the (frame, row, column) of
+    every position of a clip in `(f h w)` order: diffusers' 1D rotary embedding per axis,
+    concatenated over the head dimension (as CogVideoX and HunyuanVideo do). Rows and columns get
+    `2 * (head_dim // 6)` dimensions each, frames the rest."""
+    spatial = 2 * (head_dim // 6)
+    temporal = head_dim - 2 * spatial
+    if spatial < 2 or temporal < 2 or temporal % 2:
+        raise ValueError(f"space-time rotary embeddings need an even head width of at least 6, got {head_dim}")
+    frames, rows, cols = torch.meshgrid(
+        torch.arange(num_frames, device=device), torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij"
+    )
+    parts = [
+        get_1d_rotary_pos_embed(dim, positions.flatten().float(), theta=theta, use_real=True)
+        for dim, positions in ((temporal, frames), (spatial, rows), (spatial, cols))
+    ]
+    return torch.cat([cos for cos, _ in parts], dim=-1), torch.cat([sin for _, sin in parts], dim=-1)
+
+
+class SpaceTimeAttention(nn.Module):
+    """Full self-attention over all F*H*W positions of a clip with 3D rotary position
+    embeddings (the joint space-time attention of CogVideoX and Latte's variant 1), as a
+    zero-initialised residual.
+
+    Factorized temporal ops mix frames at one spatial position only, so a digit that moves
+    between frames leaves the position the op can see; here a position attends to every
+    position of every frame, and rotary embeddings make the score depend on the space-time
+    offset between query and key, so features that the caption shaped can prefer "the previous
+    frame, one step to the left". Quadratic in F*H*W: keep it on small feature maps.
+
+    Args:
+        channels: feature width.
+        heads: attention heads; `channels / heads` must be even and at least 6.
+        rope_theta: base of the rotary frequencies; small grids (a few positions per axis)
+            want a small base, so that neighbouring offsets differ in angle.
+        frame_positions: also add sinusoidal encodings of the absolute frame index, as in
+            `TemporalAttention`.
+        max_frames: longest clip `frame_positions` covers.
+    """
+
+    def __init__(self, channels: int, heads: int = 4, rope_theta: float = 100.0, frame_positions: bool = False, max_frames: int = 64) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"SpaceTimeAttention: channels={channels} is not divisible by heads={heads}")
+        self.heads = heads
+        self.rope_theta = rope_theta
+        space_time_rope(1, 1, 1, channels // heads, rope_theta, torch.device("cpu"))  # fail at construction on a bad width
+        self.norm = nn.LayerNorm(channels)
+        self.positions = frame_position_encoding(channels, max_frames, frame_positions)
+        self.to_qkv = nn.Linear(channels, 3 * channels, bias=False)
+        self.to_out = zero_init(nn.Linear(channels, channels))
+
+    @property
+    def output_layer(self) -> nn.Module:
+        return self.to_out
+
+    def forward(self, x: Tensor, num_frames: int, image_frames: Tensor | None = None) -> Tensor:
+        if num_frames == 1:
+            return x
+        height, width = x.shape[-2:]
+        h = add_frame_positions(self.norm(rearrange(x, "(b f) c h w -> b (h w) f c", f=num_frames)), self.positions)
+        h = rearrange(h, "b (h w) f c -> b (f h w) c", h=height)
+        q, k, v = rearrange(self.to_qkv(h), "b n (three m d) -> three b m n d", three=3, m=self.heads)
+        rope = space_time_rope(num_frames, height, width, q.shape[-1], self.rope_theta, x.device)
+        q, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
+        video = None if image_frames is None else video_frames_mask(image_frames, x.shape[0], num_frames, x.device)
+        mask = None
+        if video is not None:  # frame-level mask, repeated over the positions of each frame
+            allowed = frame_attention_mask(video, causal=False)  # (B, F, F)
+            mask = allowed.repeat_interleave(height * width, 1).repeat_interleave(height * width, 2)[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, F*H*W, d)
+        out = self.to_out(rearrange(out, "b m n d -> b n (m d)"))
+        delta = rearrange(out, "b (f h w) c -> (b f) c h w", f=num_frames, h=height)
         return x + delta if video is None else keep_image_frames(x, delta, video)
 
 

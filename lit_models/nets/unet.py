@@ -83,6 +83,12 @@ class FactorizedUNet(nn.Module):
         temporal: `channels -> nn.Module` building a temporal op (see `temporal.py`); None
             gives an image model applied frame by frame.
         dropout: dropout inside ResBlocks.
+        frame_embedding: None (or false), "index" (or true) or "index_and_text": add to the conditioning embedding
+            of each video frame an MLP of its index (sinusoids, like the timestep's), or of its
+            index and the pooled text together, so every ResBlock knows where in the clip its
+            frame sits (and, with the text, where the caption puts the digit at that time: the
+            conditional mean of a motion is a function of both). Image frames (and 1-frame
+            inputs) get none.
         gradient_checkpointing: recompute each stage's activations in the backward pass
             instead of storing them (less memory, ~30% more compute); training only.
     """
@@ -100,6 +106,7 @@ class FactorizedUNet(nn.Module):
         heads: int = 4,
         temporal: Callable[[int], nn.Module] | None = None,
         dropout: float = 0.0,
+        frame_embedding: str | bool | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -122,6 +129,15 @@ class FactorizedUNet(nn.Module):
             if pooled_dim is not None
             else None
         )
+        frame_embedding = {False: None, True: "index"}.get(frame_embedding, frame_embedding)  # type: ignore[call-overload]
+        if frame_embedding not in (None, "index", "index_and_text"):
+            raise ValueError(f"frame_embedding must be null, 'index' or 'index_and_text', got {frame_embedding!r}")
+        if frame_embedding == "index_and_text" and pooled_dim is None:
+            raise ValueError("frame_embedding='index_and_text' needs pooled_dim (the pooled text)")
+        self.frame_embedding_kind = frame_embedding
+        self.frame_proj = Timesteps(channels[0], flip_sin_to_cos=True, downscale_freq_shift=0) if frame_embedding else None
+        text_width = pooled_dim if frame_embedding == "index_and_text" else 0
+        self.frame_embedding = TimestepEmbedding(channels[0] + text_width, embed_dim) if frame_embedding else None
 
         def stage(c_in: int, c_out: int, level: int) -> UNetStage:
             return UNetStage(
@@ -209,6 +225,17 @@ class FactorizedUNet(nn.Module):
             context_mask = context_mask.bool() | ~context_mask.bool().any(dim=-1, keepdim=True)
 
         embedding = self.embed(timesteps, batch_size, pooled, x.dtype, num_frames)  # (B*F, E)
+        if self.frame_embedding is not None and num_frames > 1:
+            frames = repeat(self.frame_proj(torch.arange(num_frames, device=x.device)), "f e -> (b f) e", b=batch_size)
+            if self.frame_embedding_kind == "index_and_text":
+                if pooled is None:
+                    raise ValueError("FactorizedUNet: frame_embedding='index_and_text' needs the pooled text")
+                text = pooled if pooled.ndim == 3 else repeat(pooled, "b p -> b f p", f=num_frames)
+                frames = torch.cat([frames, rearrange(text, "b f p -> (b f) p").to(frames.dtype)], dim=1)
+            frames = self.frame_embedding(frames.to(x.dtype))  # (B*F, E)
+            if image_frames is not None:
+                frames = frames * rearrange(~image_frames.bool(), "b f -> (b f) 1").to(frames.dtype)
+            embedding = embedding + frames.to(embedding.dtype)  # (B*F, E)
 
         h = self.conv_in(rearrange(x, "b c f h w -> (b f) c h w"))  # (B*F, C0, H, W)
         # oneDNN's convolutions are faster in channels-last layout on CPU (~5% of the step).
