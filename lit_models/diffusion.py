@@ -27,6 +27,21 @@ from lit_models.samplers import make_sampler
 Conditioning = dict[str, Tensor]  # keyword arguments for the network besides x and timesteps
 
 
+def decomposed_noise(shape: tuple[int, ...], shared_ratio: float, generator: torch.Generator | None = None) -> Tensor:
+    """Gaussian noise `(B, C, F, H, W)` split as VideoFusion (Luo et al. 2023) splits it: a base
+    drawn once per clip and shared by all its frames, plus a per-frame residual,
+    `sqrt(ratio) * base + sqrt(1 - ratio) * residual`. Every frame's noise stays N(0, I); frames
+    are correlated by `ratio`. Ratio 0 draws exactly what `torch.randn(shape)` would from the
+    same generator (i.i.d. noise), so the option is off bit for bit."""
+    if not 0.0 <= shared_ratio <= 1.0:
+        raise ValueError(f"shared_noise_ratio must be in [0, 1], got {shared_ratio}")
+    residual = torch.randn(shape, generator=generator)  # (B, C, F, H, W)
+    if shared_ratio == 0.0:
+        return residual
+    base = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator)  # (B, C, 1, H, W), one per clip
+    return shared_ratio**0.5 * base + (1.0 - shared_ratio) ** 0.5 * residual
+
+
 def min_snr_weights(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023) expressed for each prediction target.
 
@@ -56,6 +71,8 @@ class DiffusionModule(L.LightningModule):
         sampler, sample_steps, guidance_scale, guidance_rescale: defaults for `sample`.
         flow_weighting: how a flow-matching model draws training noise levels before the
             schedule's shift (`logit_normal` or `uniform`).
+        shared_noise_ratio: VideoFusion's decomposed noise (`decomposed_noise`), in training and
+            in the sampler's starting noise; 0 is i.i.d. noise per frame.
     """
 
     def __init__(
@@ -70,6 +87,7 @@ class DiffusionModule(L.LightningModule):
         guidance_scale: float = 1.0,
         guidance_rescale: float = 0.0,
         flow_weighting: str = "logit_normal",
+        shared_noise_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         self.net = net
@@ -82,6 +100,8 @@ class DiffusionModule(L.LightningModule):
         self.guidance_scale = guidance_scale
         self.guidance_rescale = guidance_rescale
         self.flow_weighting = flow_weighting
+        decomposed_noise((1, 1, 1, 1, 1), shared_noise_ratio)  # fail at construction on a bad ratio
+        self.shared_noise_ratio = shared_noise_ratio
         make_sampler(sampler, noise_scheduler)  # fail at construction on a bad sampler name
 
     @property
@@ -122,6 +142,12 @@ class DiffusionModule(L.LightningModule):
             return (sigmas * num_train_timesteps).to(x0.device)
         return torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
 
+    def draw_noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
+        """The forward process's noise for clips of `shape` (i.i.d. unless `shared_noise_ratio`)."""
+        if len(shape) != 5:  # e.g. a single-image batch: nothing to share across
+            return torch.randn(shape, generator=generator)
+        return decomposed_noise(shape, self.shared_noise_ratio, generator)
+
     def noisy_and_target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         """(x_t, the network's regression target) for clean `x0` and `noise` at `timesteps`."""
         if self.flow_matching:
@@ -133,7 +159,7 @@ class DiffusionModule(L.LightningModule):
     ) -> Tensor:
         """Weighted denoising loss per sample, shape `(B,)`."""
         timesteps = self.draw_timesteps(x0, generator)
-        noise = torch.randn(x0.shape, generator=generator).to(x0)  # (B, C, F, H, W)
+        noise = self.draw_noise(tuple(x0.shape), generator).to(x0)  # (B, C, F, H, W)
         x_t, target = self.noisy_and_target(x0, noise, timesteps)
         prediction = self.net(x_t, timesteps, **conditioning)
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
@@ -201,7 +227,7 @@ class DiffusionModule(L.LightningModule):
         net_conditioning = (
             {k: torch.cat([unconditioning[k], conditioning[k]]) for k in conditioning} if guided else conditioning
         )
-        x = torch.randn(shape, generator=generator).to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
+        x = self.draw_noise(tuple(shape), generator).to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
         step = _step_function(scheduler, generator)
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
