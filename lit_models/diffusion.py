@@ -10,7 +10,9 @@ process to x_t = (1 - sigma) x0 + sigma noise with a velocity target (`flow_matc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import lightning as L
@@ -73,6 +75,8 @@ class DiffusionModule(L.LightningModule):
             schedule's shift (`logit_normal` or `uniform`).
         shared_noise_ratio: VideoFusion's decomposed noise (`decomposed_noise`), in training and
             in the sampler's starting noise; 0 is i.i.d. noise per frame.
+        sampling_modifiers: training-free changes applied around every sampling run
+            (`lit_models/training_free.py`: consistent or cross-frame attention, frame smoothing).
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class DiffusionModule(L.LightningModule):
         guidance_rescale: float = 0.0,
         flow_weighting: str = "logit_normal",
         shared_noise_ratio: float = 0.0,
+        sampling_modifiers: Sequence[Any] = (),
     ) -> None:
         super().__init__()
         self.net = net
@@ -102,6 +107,7 @@ class DiffusionModule(L.LightningModule):
         self.flow_weighting = flow_weighting
         decomposed_noise((1, 1, 1, 1, 1), shared_noise_ratio)  # fail at construction on a bad ratio
         self.shared_noise_ratio = shared_noise_ratio
+        self.sampling_modifiers = list(sampling_modifiers)
         make_sampler(sampler, noise_scheduler)  # fail at construction on a bad sampler name
 
     @property
@@ -229,17 +235,20 @@ class DiffusionModule(L.LightningModule):
         )
         x = self.draw_noise(tuple(shape), generator).to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
         step = _step_function(scheduler, generator)
-        for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-            x_in = torch.cat([x_in, x_in]) if guided else x_in
-            timesteps = t.expand(x_in.shape[0]).to(self.device)
-            out = self.net(x_in, timesteps, **net_conditioning)
-            if guided:
-                out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + scale * (out_cond - out_uncond)
-                if rescale > 0:
-                    out = rescale_noise_cfg(out, out_cond, guidance_rescale=rescale)
-            x = step(out.float(), t, x)
+        with contextlib.ExitStack() as modifiers:
+            for modifier in self.sampling_modifiers:
+                modifiers.enter_context(modifier.applied(self, guided))
+            for t in scheduler.timesteps:
+                x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+                x_in = torch.cat([x_in, x_in]) if guided else x_in
+                timesteps = t.expand(x_in.shape[0]).to(self.device)
+                out = self.net(x_in, timesteps, **net_conditioning)
+                if guided:
+                    out_uncond, out_cond = out.chunk(2)
+                    out = out_uncond + scale * (out_cond - out_uncond)
+                    if rescale > 0:
+                        out = rescale_noise_cfg(out, out_cond, guidance_rescale=rescale)
+                x = step(out.float(), t, x)
         # Pixel-space models are clamped to the data range; latents are not bounded.
         return x.clamp(-1, 1) if getattr(self, "autoencoder", None) is None else x
 
