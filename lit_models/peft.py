@@ -436,6 +436,17 @@ class ParameterEfficientFineTuning(TextToVideo):
             conditioning["control"] = control if control is not None else CONTROL_SIGNALS[self.control_signal](batch["video"])
         return conditioning
 
+    @torch.no_grad()
+    def generate_with_control(self, prompts: Sequence[str], control: Tensor, seed: int = 0, **sampling: Any) -> Tensor:
+        """Videos `(len(prompts), C, F, H, W)` following a control clip `(B, K, F, H, W)` (e.g.
+        `sobel_edges(clip)`); a `ControlBranch` run. `sampling`: `sample`'s sampler, steps, guidance_scale."""
+        frames = {"control": control.to(self.device)}
+        conditioning = {**self.encode_captions(prompts), **frames}
+        unconditioning = {**self.encode_captions([""] * len(prompts)), **frames}
+        shape = (len(prompts), self.video_shape[0], control.shape[2], *self.video_shape[2:])
+        generator = torch.Generator().manual_seed(seed)
+        return self.decode_data(self.sample(self.data_shape(shape), conditioning, unconditioning, generator=generator, **sampling))
+
     # --- what a checkpoint holds ---------------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Only the trained weights; the frozen base is found through `base`."""

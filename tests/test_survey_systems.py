@@ -174,3 +174,28 @@ def test_sampling_applies_the_configured_modifiers_around_the_loop():
     assert seen == [True, True]  # one call per step, patched
     assert "forward" not in vars(attention)
 
+
+def test_controlvideo_samples_follow_the_control_clip_with_both_unets_cross_frame():
+    from tests.test_peft import tiny_module, tiny_net
+
+    from lit_models.nets.control import sobel_edges
+    from lit_models.nets.layers import SpatialTransformer
+    from lit_models.peft import ControlBranch
+    from lit_models.training_free import CrossFrameAttention, InterleavedFrameSmoother
+
+    module = tiny_module(tiny_net(), [ControlBranch()], control_signal="sobel_edges", video_shape=(1, 3, 8, 8),
+                         sampling_modifiers=[CrossFrameAttention(), InterleavedFrameSmoother((0, 100))])
+    for zero_conv in [*module.net.zero_convs, module.net.mid_zero_conv, module.net.hint[-1]]:
+        torch.nn.init.normal_(zero_conv.weight, std=0.1)  # a "trained" branch
+    patched_calls = []
+    for block in module.net.modules():
+        if isinstance(block, SpatialTransformer):
+            block.self_attention.register_forward_hook(lambda m, a, o: patched_calls.append("forward" in vars(m)))
+    torch.manual_seed(0)
+    clips = torch.rand(2, 1, 3, 8, 8) * 2 - 1
+    videos = module.generate_with_control(["a handwritten 3 moving up"], sobel_edges(clips[:1]), steps=2)
+    other = module.generate_with_control(["a handwritten 3 moving up"], sobel_edges(clips[1:]), steps=2)
+    assert videos.shape == (1, 1, 3, 8, 8)
+    assert not torch.allclose(videos, other)
+    # (3 spatial transformers in the base + 2 in the branch's encoder copy) x 2 steps x 2 videos, all cross-frame
+    assert len(patched_calls) == 20 and all(patched_calls)
