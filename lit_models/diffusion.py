@@ -28,6 +28,26 @@ from lit_models.samplers import make_sampler
 
 Conditioning = dict[str, Tensor]  # keyword arguments for the network besides x and timesteps
 
+# Conditioning keys the core itself consumes (never passed to the network): frames given clean,
+# `(B, C, F, H, W)` in diffusion space, where the `(B, F)` bool mask is True (I2V-Adapter's
+# first frame). Those frames enter the network un-noised, are left out of the loss and are
+# kept as given while sampling.
+CLEAN_FRAMES, CLEAN_MASK = "clean_frames", "clean_mask"
+
+
+def split_clean_frames(conditioning: Conditioning) -> tuple[Conditioning, Tensor | None]:
+    """(the conditioning without the clean-frame keys, the `(B, 1, F, 1, 1)` mask or None)."""
+    if CLEAN_FRAMES not in conditioning:
+        return conditioning, None
+    rest = {k: v for k, v in conditioning.items() if k not in (CLEAN_FRAMES, CLEAN_MASK)}
+    mask = conditioning[CLEAN_MASK].bool()[:, None, :, None, None]  # (B, 1, F, 1, 1)
+    return rest, mask
+
+
+def with_clean_frames(x: Tensor, clean: Tensor, mask: Tensor) -> Tensor:
+    """x `(B, C, F, H, W)` with the masked frames replaced by the clean ones."""
+    return torch.where(mask, clean.to(x), x)
+
 
 def decomposed_noise(shape: tuple[int, ...], shared_ratio: float, generator: torch.Generator | None = None) -> Tensor:
     """Gaussian noise `(B, C, F, H, W)` split as VideoFusion (Luo et al. 2023) splits it: a base
@@ -167,9 +187,17 @@ class DiffusionModule(L.LightningModule):
         timesteps = self.draw_timesteps(x0, generator)
         noise = self.draw_noise(tuple(x0.shape), generator).to(x0)  # (B, C, F, H, W)
         x_t, target = self.noisy_and_target(x0, noise, timesteps)
+        clean = conditioning.get(CLEAN_FRAMES)
+        conditioning, clean_mask = split_clean_frames(conditioning)
+        if clean_mask is not None:
+            x_t = with_clean_frames(x_t, clean, clean_mask)
         prediction = self.net(x_t, timesteps, **conditioning)
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
-        loss = loss.flatten(1).mean(dim=1)  # (B,)
+        if clean_mask is None:
+            loss = loss.flatten(1).mean(dim=1)  # (B,)
+        else:  # the mean over the frames that were noised
+            weight = (~clean_mask).to(loss.dtype).expand_as(loss)
+            loss = (loss * weight).flatten(1).sum(dim=1) / weight.flatten(1).sum(dim=1).clamp_min(1.0)
         if self.min_snr_gamma is not None and not self.flow_matching:
             snr = compute_snr(self.noise_scheduler, timesteps)
             loss = loss * min_snr_weights(snr, self.min_snr_gamma, self.prediction_type)
@@ -213,13 +241,20 @@ class DiffusionModule(L.LightningModule):
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         guidance_rescale: float | None = None,
+        initial_noise: Tensor | None = None,
     ) -> Tensor:
         """Draw videos of `shape` `(B, C, F, H, W)`, in the data range [-1, 1].
 
         With `unconditioning` and a guidance scale other than 1, classifier-free guidance runs
         the conditional and unconditional passes as one batch. `guidance_rescale` (Lin et al.
         2023, sec. 3.4) pulls the guided prediction's std back towards the conditional one's.
+        `initial_noise` replaces the drawn starting noise (a noise prior); clean frames in
+        `conditioning` (`CLEAN_FRAMES`) stay as given.
         """
+        clean = conditioning.get(CLEAN_FRAMES)
+        conditioning, clean_mask = split_clean_frames(conditioning)
+        if unconditioning is not None:
+            unconditioning = split_clean_frames(unconditioning)[0]
         rescale = self.guidance_rescale if guidance_rescale is None else guidance_rescale
         steps = steps or self.sample_steps
         tokens = self.sequence_length(tuple(shape))
@@ -233,13 +268,16 @@ class DiffusionModule(L.LightningModule):
         net_conditioning = (
             {k: torch.cat([unconditioning[k], conditioning[k]]) for k in conditioning} if guided else conditioning
         )
-        x = self.draw_noise(tuple(shape), generator).to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
+        start = self.draw_noise(tuple(shape), generator) if initial_noise is None else initial_noise
+        x = start.to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
         step = _step_function(scheduler, generator)
         with contextlib.ExitStack() as modifiers:
             for modifier in self.sampling_modifiers:
                 modifiers.enter_context(modifier.applied(self, guided))
             for t in scheduler.timesteps:
                 x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+                if clean_mask is not None:  # after the input scaling, so the clean frames are x0 itself
+                    x_in = with_clean_frames(x_in, clean, clean_mask)
                 x_in = torch.cat([x_in, x_in]) if guided else x_in
                 timesteps = t.expand(x_in.shape[0]).to(self.device)
                 out = self.net(x_in, timesteps, **net_conditioning)
@@ -249,6 +287,8 @@ class DiffusionModule(L.LightningModule):
                     if rescale > 0:
                         out = rescale_noise_cfg(out, out_cond, guidance_rescale=rescale)
                 x = step(out.float(), t, x)
+        if clean_mask is not None:
+            x = with_clean_frames(x, clean, clean_mask)
         # Pixel-space models are clamped to the data range; latents are not bounded.
         return x.clamp(-1, 1) if getattr(self, "autoencoder", None) is None else x
 

@@ -8,7 +8,9 @@ injectors, each adding the modules it trains:
   temporal attention, convs), with merge/unmerge and safetensors export/import;
 - `SimDAAdapters`: SimDA's spatial and temporal adapters (`nets/adapters.py`);
 - `MotionModule`: AnimateDiff's temporal transformers in a frozen diffusers image U-Net;
-- `ControlBranch`: a ControlNet-style trainable encoder copy fed a per-frame control signal.
+- `ControlBranch`: a ControlNet-style trainable encoder copy fed a per-frame control signal;
+- `I2VAdapter`: I2V-Adapter's first-frame attention branch beside each spatial self-attention
+  (trained with the first frame given clean: `lit_models/image_to_video.py`).
 
 Injectors run in order, so MotionLoRA is `[MotionModule(pretrained=...), LoRA(on motion
 modules)]`. An empty list trains the whole base (full fine-tuning, the baseline).
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 from lit_models.nets.adapters import (
     AfterAdapter,
     BottleneckAdapter,
+    FirstFrameAttention,
     FrameCount,
     ParallelAdapter,
     ResBlockWithTemporalAdapter,
@@ -182,6 +185,18 @@ def import_lora(net: nn.Module, path: str | Path, adapter_name: str = "default")
         raise ValueError(f"import_lora: {path} has keys the net's LoRA layers lack, e.g. {unexpected[:3]}")
 
 
+def frame_counter(net: nn.Module) -> FrameCount:
+    """A `FrameCount` that follows the frames of every call of `net` (a forward pre-hook), for
+    adapters inside it that see frames folded into the batch."""
+    frames = FrameCount()
+
+    def count_frames(module: nn.Module, args: tuple) -> None:
+        frames.value = args[0].shape[2]  # x: (B, C, F, H, W)
+
+    net.register_forward_pre_hook(count_frames)
+    return frames
+
+
 class TrainOnly:
     """Unfreeze the base's own parameters whose names match a regex: AnimateDiff's
     name-matched trainable modules. On a factorized net, `r"\\.temporal\\."` trains the
@@ -221,12 +236,7 @@ class SimDAAdapters:
         self.spatial, self.temporal = spatial, temporal
 
     def __call__(self, net: nn.Module) -> nn.Module:
-        frames = FrameCount()
-
-        def count_frames(module: nn.Module, args: tuple) -> None:
-            frames.value = args[0].shape[2]  # x: (B, C, F, H, W)
-
-        net.register_forward_pre_hook(count_frames)
+        frames = frame_counter(net)
         if isinstance(net, FactorizedUNet):
             return self._factorized(net, frames)
         from lit_models.diffusers_pipelines import denoiser_model
@@ -372,6 +382,24 @@ class ControlBranch:
             f"ControlBranch: a control branch copies a U-Net's encoder (effvid's, or the animatediff family's); "
             f"{type(net).__name__} has none"
         )
+
+
+class I2VAdapter:
+    """I2V-Adapter (Guo et al. 2024): beside every spatial self-attention of a `FactorizedUNet`, a
+    branch in which each frame queries the first frame's tokens through the base's frozen key and
+    value projections, with its own query projection and a zero-initialised output (step 0 is the
+    base, exactly). Train it with `ImageToVideoFineTuning`, which gives the first frame clean."""
+
+    def __call__(self, net: nn.Module) -> nn.Module:
+        if not isinstance(net, FactorizedUNet):
+            raise TypeError(f"I2VAdapter: needs effvid's FactorizedUNet (its spatial self-attention), got {type(net).__name__}")
+        blocks = [stage.transformer for stage in [*net.down_stages, net.mid_stage, *net.up_stages] if stage.transformer is not None]
+        if not blocks:
+            raise ValueError("I2VAdapter: the U-Net has no spatial self-attention (every attention_levels entry is false)")
+        frames = frame_counter(net)
+        for block in blocks:
+            block.self_attention = FirstFrameAttention(block.self_attention, frames)
+        return net
 
 
 CONTROL_SIGNALS = {"sobel_edges": sobel_edges}

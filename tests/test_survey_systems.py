@@ -48,6 +48,15 @@ class InputRecorder(torch.nn.Module):
         return torch.zeros_like(x)
 
 
+class OffAtFrameZero(InputRecorder):
+    """Predicts zeros, except ones at frame 0."""
+
+    def forward(self, x, timesteps, **conditioning):
+        out = super().forward(x, timesteps)
+        out[:, :, 0] = 1.0
+        return out
+
+
 def test_diffusion_module_noises_training_clips_and_starts_sampling_with_the_decomposed_noise():
     from diffusers import DDPMScheduler
 
@@ -199,3 +208,77 @@ def test_controlvideo_samples_follow_the_control_clip_with_both_unets_cross_fram
     assert not torch.allclose(videos, other)
     # (3 spatial transformers in the base + 2 in the branch's encoder copy) x 2 steps x 2 videos, all cross-frame
     assert len(patched_calls) == 20 and all(patched_calls)
+
+
+# --- I2V-Adapter ------------------------------------------------------------------------------------
+
+
+def i2v_module(**kwargs):
+    from tests.test_peft import tiny_module, tiny_net
+
+    from lit_models.image_to_video import ImageToVideoFineTuning
+    from lit_models.peft import I2VAdapter
+
+    module = tiny_module(tiny_net(), [I2VAdapter()], ImageToVideoFineTuning, video_shape=(1, 3, 8, 8), **kwargs)
+    return tiny_net(), module
+
+
+def test_i2v_adapter_starts_as_the_base_bit_exact_and_trains_only_its_branch():
+    from tests.test_peft import batch, full_state, one_step
+
+    from lit_models.diffusion import split_clean_frames
+
+    base, module = i2v_module()
+    data = batch(frames=3)
+    x, t = data["video"], torch.tensor([10, 60])
+    conditioning, mask = split_clean_frames(module.condition(data, drop=False))
+    assert mask[:, :, 0].all() and not mask[:, :, 1:].any()
+    assert torch.equal(module.net(x, t, **conditioning), base(x, t, **conditioning))
+    before = full_state(module)
+    one_step(module, data)
+    changed = {k for k, v in full_state(module).items() if not torch.equal(before[k], v)}
+    assert changed and all(".first_frame_" in k for k in changed), sorted(changed)[:4]
+    assert {k for k in before if ".first_frame_out." in k} <= changed  # the zero output layer learns
+
+
+def test_i2v_branch_reads_the_first_frame_and_clean_frames_leave_the_loss():
+    from lit_models.diffusion import CLEAN_FRAMES, CLEAN_MASK
+    from lit_models.nets.layers import Attention
+
+    _, module = i2v_module()
+    branch = next(m for m in module.net.modules() if type(m).__name__ == "FirstFrameAttention")
+    torch.nn.init.normal_(branch.first_frame_out.weight)
+    branch.frames.value = 3
+    x = torch.randn(2 * 3, 4, 16)  # (B*F, S, D)
+    changed = x.clone()
+    changed[3] = torch.randn(4, 16)  # clip 1, frame 0
+    out, out_changed = branch(x), branch(changed)
+    assert not torch.allclose(out[4:], out_changed[4:])  # clip 1's other frames read its first frame
+    assert torch.equal(out[:3], out_changed[:3])  # clip 0 does not
+    assert isinstance(branch.base, Attention)
+
+    # The loss ignores the clean frame: a prediction off only there costs nothing.
+    recorder = InputRecorder()
+    module.net = recorder
+    x0 = torch.randn(2, 1, 3, 8, 8)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    mask[:, 0] = True
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    loss = module.diffusion_loss(x0, {CLEAN_FRAMES: x0, CLEAN_MASK: mask}, generator())
+    assert torch.equal(recorder.inputs[-1][:, :, 0], x0[:, :, 0])  # given un-noised
+    module.net = OffAtFrameZero()
+    assert torch.allclose(module.diffusion_loss(x0, {CLEAN_FRAMES: x0, CLEAN_MASK: mask}, generator()), loss)
+
+
+def test_generate_from_image_keeps_the_first_frame_and_the_prior_is_plain_noise_at_strength_zero():
+    _, module = i2v_module()
+    images = torch.rand(2, 1, 8, 8) * 2 - 1
+    videos = module.generate_from_image(["a handwritten 3 moving up", "a handwritten 7 moving left"], images, steps=2)
+    assert videos.shape == (2, 1, 3, 8, 8) and torch.allclose(videos[:, :, 0], images)
+    first, shape = images[:, :, None], (2, 1, 3, 8, 8)
+    plain = module.draw_noise(shape, torch.Generator().manual_seed(5))
+    assert torch.equal(module.frame_similarity_noise(first, shape, torch.Generator().manual_seed(5)), plain)
+    module.prior_strength = 1.0
+    prior = module.frame_similarity_noise(first, shape, torch.Generator().manual_seed(5))
+    assert torch.equal(prior, prior[:, :, :1].expand_as(prior))  # every frame starts from the noised image
+    assert torch.corrcoef(torch.stack([prior[:, :, 0].flatten(), first.flatten()]))[0, 1] > 0.2
