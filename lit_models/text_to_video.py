@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lit_models.conditioning import OpenClipTextEncoder
 from lit_models.diffusion import Conditioning, DiffusionModule
 from lit_models.latent import FrameAutoencoder
-from lit_models.metrics import parse_digit_caption, score_digit_videos
+from lit_models.metrics import score_digit_prompts
 from lit_models.video_logging import save_samples
 
 
@@ -171,11 +171,7 @@ class TextToVideo(DiffusionModule):
 
     def score(self, prompts: Sequence[str], videos: Tensor) -> dict[str, float]:
         """Digit metric when every prompt is a moving-digit caption, else nothing."""
-        parsed = [parse_digit_caption(p) for p in prompts]
-        if not parsed or any(p is None for p in parsed):
-            return {}
-        digits, directions = zip(*parsed)
-        return score_digit_videos(videos, list(digits), list(directions))
+        return score_digit_prompts(prompts, videos)
 
     def write_samples(self, prompts: Sequence[str], videos: Tensor) -> None:
         out_dir = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:06d}"

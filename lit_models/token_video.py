@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_models.conditioning import OpenClipTextEncoder
-from lit_models.metrics import parse_digit_caption, score_digit_videos
+from lit_models.metrics import score_digit_prompts
 from lit_models.nets.video_tokens import FrameVQTokenizer, VideoTokenTransformer
 from lit_models.video_logging import save_samples
 
@@ -114,10 +114,17 @@ class TokenVideoGeneration(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
 
+    # What effvid-sample reads off a model: codes are drawn one by one, without guidance.
+    sampler, sample_steps, guidance_scale = "autoregressive", None, 1.0
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], frame_stride: int | None = None, seed: int = 0,
-                 num_frames: int | None = None) -> Tensor:
-        """Videos `(len(prompts), C, F, H, W)` in [-1, 1] at `frame_stride` (default `sample_stride`)."""
+                 num_frames: int | None = None, sampler: str | None = None, steps: int | None = None,
+                 guidance_scale: float | None = None) -> Tensor:
+        """Videos `(len(prompts), C, F, H, W)` in [-1, 1] at `frame_stride` (default `sample_stride`).
+        `sampler`, `steps` and `guidance_scale` exist for effvid-sample and take only their defaults."""
+        if sampler not in (None, self.sampler) or steps is not None or guidance_scale not in (None, 1.0):
+            raise ValueError("the token model samples its codes autoregressively: no sampler=, steps= or guidance=")
         stride = frame_stride or self.sample_stride
         if stride not in self.frame_strides:
             raise ValueError(f"frame_stride={stride} is not one of the trained frame_strides={self.frame_strides}")
@@ -135,12 +142,12 @@ class TokenVideoGeneration(L.LightningModule):
             return
         prompts = [p for p in self.val_prompts for _ in range(self.val_samples_per_prompt)]
         videos = self.generate(prompts, seed=self.sample_seed)
-        parsed = [parse_digit_caption(p) for p in prompts]
-        if all(p is not None for p in parsed):
-            digits, directions = zip(*parsed)
-            for name, value in score_digit_videos(videos, list(digits), list(directions)).items():
-                self.log(f"val/{name}", value)
+        for name, value in self.score(prompts, videos).items():
+            self.log(f"val/{name}", value)
         if self.trainer.is_global_zero:
             save_samples(videos, prompts, Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:06d}",
                          fps=self.sample_fps)
 
+    def score(self, prompts: Sequence[str], videos: Tensor) -> dict[str, float]:
+        """Digit metric when every prompt is a moving-digit caption, else nothing."""
+        return score_digit_prompts(prompts, videos)
