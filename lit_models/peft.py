@@ -9,6 +9,8 @@ injectors, each adding the modules it trains:
 - `SimDAAdapters`: SimDA's spatial and temporal adapters (`nets/adapters.py`);
 - `MotionModule`: AnimateDiff's temporal transformers in a frozen diffusers image U-Net;
 - `ControlBranch`: a ControlNet-style trainable encoder copy fed a per-frame control signal;
+- `CtrlAdapter`: Ctrl-Adapter's adapters from a frozen image ControlNet (a control-branch run)
+  into the frozen base;
 - `I2VAdapter`: I2V-Adapter's first-frame attention branch beside each spatial self-attention
   (trained with the first frame given clean: `lit_models/image_to_video.py`).
 
@@ -38,7 +40,7 @@ from lit_models.nets.adapters import (
     ResBlockWithTemporalAdapter,
     TemporalAdapter,
 )
-from lit_models.nets.control import ControlledUNet, sobel_edges
+from lit_models.nets.control import ControlledUNet, CtrlAdaptedUNet, sobel_edges
 from lit_models.nets.unet import FactorizedUNet
 from lit_models.text_to_video import TextToVideo
 
@@ -382,6 +384,36 @@ class ControlBranch:
             f"ControlBranch: a control branch copies a U-Net's encoder (effvid's, or the animatediff family's); "
             f"{type(net).__name__} has none"
         )
+
+
+class CtrlAdapter:
+    """Ctrl-Adapter: a frozen image ControlNet feeds the frozen base through trained adapters with
+    temporal layers (`nets/control.py` `CtrlAdaptedUNet`); only the adapters train.
+
+    Args:
+        controlnet: the image ControlNet: an effvid run (path or run id) whose net is a control
+            branch on an image model (`experiment=controlvideo`), or that `ControlledUNet` itself.
+        sparse_control: in training, the chance that a frame (not the first) gets no control.
+        runs_dir: where a bare run id is looked up.
+    """
+
+    def __init__(self, controlnet: str | nn.Module, sparse_control: float = 0.0, runs_dir: str | None = None) -> None:
+        if not 0.0 <= sparse_control < 1.0:
+            raise ValueError(f"CtrlAdapter: sparse_control must be in [0, 1), got {sparse_control}")
+        self.controlnet, self.sparse_control, self.runs_dir = controlnet, sparse_control, runs_dir
+
+    def __call__(self, net: nn.Module) -> nn.Module:
+        if not isinstance(net, FactorizedUNet):
+            raise TypeError(f"CtrlAdapter: the backbone must be effvid's FactorizedUNet, got {type(net).__name__}")
+        controlnet = self.controlnet
+        if not isinstance(controlnet, nn.Module):
+            from lit_models.bundle import load_bundle
+
+            controlnet = load_bundle(controlnet, runs_dir=self.runs_dir).net
+        if not isinstance(controlnet, ControlledUNet):
+            raise TypeError(f"CtrlAdapter: controlnet={self.controlnet} holds a {type(controlnet).__name__}, not a "
+                            "control branch (train one with experiment=controlvideo or control_a_video)")
+        return CtrlAdaptedUNet(net, controlnet, self.sparse_control)
 
 
 class I2VAdapter:

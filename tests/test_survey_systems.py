@@ -310,12 +310,12 @@ def test_token_model_loss_falls_and_samples_decode_to_clips():
     optimizer = module.configure_optimizers()
     generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731 - the same frame strides every step
     first = {k: v.item() for k, v in module.losses(data, generator()).items()}
-    for _ in range(12):
+    for _ in range(8):
         optimizer.zero_grad()
         module.losses(data, generator())["loss"].backward()
         optimizer.step()
     last = {k: v.item() for k, v in module.losses(data, generator()).items()}
-    assert last["token_ce"] < 0.8 * first["token_ce"] and last["recon"] < first["recon"], (first, last)
+    assert last["token_ce"] < 0.9 * first["token_ce"] and last["recon"] < first["recon"], (first, last)
     videos = module.generate(["a handwritten 3 moving up"], frame_stride=1)
     assert videos.shape == (1, 1, 2, 8, 8) and videos.abs().max() <= 1
     with pytest.raises(ValueError, match="frame_stride=3"):
@@ -344,3 +344,79 @@ def test_cogvideo_experiment_builds_a_token_model_that_fits_the_digit_clips():
     video = torch.rand(2, cfg.data.channels, cfg.data.num_frames, cfg.data.size, cfg.data.size) * 2 - 1
     losses = module.losses({"video": video, "caption": ["a handwritten 3 moving up"] * 2})
     assert torch.isfinite(losses["loss"])
+
+
+# --- Ctrl-Adapter and MagicStick -----------------------------------------------------------------
+
+
+def ctrl_adapter_module(sparse_control: float = 0.0):
+    from tests.test_peft import tiny_module, tiny_net
+
+    from lit_models.nets.control import ControlledUNet
+    from lit_models.peft import CtrlAdapter
+
+    controlnet = ControlledUNet(tiny_net(seed=3))  # "trained on an image model": no zero layer left
+    for layer in [*controlnet.zero_convs, controlnet.mid_zero_conv, controlnet.hint[-1]]:
+        torch.nn.init.normal_(layer.weight, std=0.1)
+    return tiny_module(tiny_net(), [CtrlAdapter(controlnet, sparse_control)], control_signal="sobel_edges")
+
+
+def test_ctrl_adapter_starts_as_the_backbone_and_trains_only_its_adapters():
+    from tests.test_peft import batch, full_state, one_step, tiny_net
+
+    module = ctrl_adapter_module(sparse_control=0.5)
+    data = batch(frames=3)
+    x, t = data["video"], torch.tensor([10, 60])
+    conditioning = module.condition(data, drop=False)
+    base_conditioning = {k: v for k, v in conditioning.items() if k != "control"}
+    assert torch.equal(module.net(x, t, **conditioning), tiny_net()(x, t, **base_conditioning))
+    before = full_state(module)
+    one_step(module, data)
+    changed = {k for k, v in full_state(module).items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith(("net.adapters.", "net.mid_adapter.")) for k in changed), sorted(changed)[:4]
+    assert not any(p.requires_grad for p in module.net.controlnet.parameters())
+
+
+def test_ctrl_adapter_sparse_control_reaches_uncontrolled_frames_through_its_temporal_layers():
+    from tests.test_peft import batch
+
+    module = ctrl_adapter_module().eval()
+    for name, parameter in module.net.named_parameters():
+        if "adapter" in name:
+            torch.nn.init.normal_(parameter, std=0.2)  # "trained" adapters
+    data = batch(frames=3)
+    x, t = data["video"], torch.tensor([10, 60])
+    text = {k: v for k, v in module.condition(data, drop=False).items() if k != "control"}
+    control = torch.rand(2, 1, 3, 8, 8)
+    only_first = torch.tensor([[True, False, False]] * 2)
+
+    def run(signal):
+        return module.net(x, t, control=signal, control_frames=only_first, **text)
+
+    out = run(control)
+    other_last, other_first = control.clone(), control.clone()
+    other_last[:, :, 2] = torch.rand(2, 1, 8, 8)
+    other_first[:, :, 0] = torch.rand(2, 1, 8, 8)
+    assert torch.equal(run(other_last), out)  # frame 2 has no control: its signal is never read
+    assert not torch.allclose(run(other_first)[:, :, 1], out[:, :, 1])  # frame 0's control reaches frame 1
+
+
+def test_transform_control_moves_and_scales_the_signal_about_its_centroid():
+    from lit_models.nets.control import transform_control
+
+    control = torch.zeros(1, 1, 2, 16, 16)
+    control[..., 6:9, 5:8] = 1.0  # a 3x3 blob centred at (7, 6)
+
+    def centroid_and_spread(c):
+        mass = c[0, 0, 0]
+        ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+        cy, cx = (mass * ys).sum() / mass.sum(), (mass * xs).sum() / mass.sum()
+        return cy.item(), cx.item(), ((mass * ((ys - cy) ** 2)).sum() / mass.sum()).item()
+
+    assert torch.allclose(transform_control(control), control, atol=1e-6)
+    cy, cx, _ = centroid_and_spread(transform_control(control, shift=(3.0, -2.0)))
+    assert (cy, cx) == pytest.approx((10.0, 4.0), abs=1e-4)
+    _, _, spread = centroid_and_spread(control)
+    cy, cx, scaled_spread = centroid_and_spread(transform_control(control, scale=2.0))
+    assert (cy, cx) == pytest.approx((7.0, 6.0), abs=1e-4) and scaled_spread > 2.5 * spread
+
