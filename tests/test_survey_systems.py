@@ -420,3 +420,37 @@ def test_transform_control_moves_and_scales_the_signal_about_its_centroid():
     cy, cx, scaled_spread = centroid_and_spread(transform_control(control, scale=2.0))
     assert (cy, cx) == pytest.approx((7.0, 6.0), abs=1e-4) and scaled_spread > 2.5 * spread
 
+
+# --- DragVideo ------------------------------------------------------------------------------------
+
+
+def test_drag_editor_samples_features_bilinearly_and_tracks_a_moved_feature():
+    from lit_models.drag_editing import DragEditor, features_at
+
+    ramp = torch.arange(8.0).view(1, 1, 1, 8).expand(1, 1, 8, 8)  # value = x
+    assert features_at(ramp, torch.tensor([[[2.0, 3.25]]])).item() == pytest.approx(3.25)
+    torch.manual_seed(0)
+    features = torch.randn(1, 4, 8, 8)
+    start = features_at(features, torch.tensor([[[3.0, 3.0]]]))
+    moved = torch.roll(features, shifts=(1, 2), dims=(2, 3))
+    assert DragEditor(search_radius=2).track(moved, start, torch.tensor([[[3.0, 3.0]]])).tolist() == [[[4.0, 5.0]]]
+
+
+def test_drag_editor_moves_the_handle_features_towards_the_target():
+    from tests.test_peft import tiny_net
+
+    from lit_models.drag_editing import DragEditor
+
+    net = tiny_net()
+    editor = DragEditor(up_stage=1, iterations=4, lr=0.05)
+    x_t, t = torch.randn(1, 1, 2, 8, 8), torch.tensor([500])
+    handles = torch.tensor([[[[3.0, 3.0]], [[4.0, 3.0]]]])  # (B, F, P, 2)
+    targets = handles + torch.tensor([0.0, 3.0])
+
+    def loss(x):
+        with torch.no_grad():
+            return editor.motion_loss(editor.features(net, x, t, {}), handles[0], targets[0]).item()
+
+    dragged, tracked = editor.drag(net, x_t, t, {}, handles, targets)
+    assert loss(dragged) < loss(x_t) and tracked.shape == handles.shape
+    assert all(p.requires_grad for p in net.parameters()) and all(p.grad is None for p in net.parameters())
