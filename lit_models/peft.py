@@ -11,6 +11,7 @@ injectors, each adding the modules it trains:
 - `ControlBranch`: a ControlNet-style trainable encoder copy fed a per-frame control signal;
 - `CtrlAdapter`: Ctrl-Adapter's adapters from a frozen image ControlNet (a control-branch run)
   into the frozen base;
+- `XAdapter`: X-Adapter's mapping layers from an old base's decoder into the frozen (new) base;
 - `I2VAdapter`: I2V-Adapter's first-frame attention branch beside each spatial self-attention
   (trained with the first frame given clean: `lit_models/image_to_video.py`).
 
@@ -40,7 +41,7 @@ from lit_models.nets.adapters import (
     ResBlockWithTemporalAdapter,
     TemporalAdapter,
 )
-from lit_models.nets.control import ControlledUNet, CtrlAdaptedUNet, sobel_edges
+from lit_models.nets.control import ControlledUNet, CtrlAdaptedUNet, XAdaptedUNet, sobel_edges
 from lit_models.nets.unet import FactorizedUNet
 from lit_models.text_to_video import TextToVideo
 
@@ -416,6 +417,33 @@ class CtrlAdapter:
         return CtrlAdaptedUNet(net, controlnet, self.sparse_control)
 
 
+class XAdapter:
+    """X-Adapter: the frozen old base (an effvid run, with its own text encoder) runs beside the
+    frozen new base, and only the mapping layers from its decoder into the new one train
+    (`nets/control.py` `XAdaptedUNet`). A plugin of the old base then acts on the new one: inject
+    it into `net.old_base` (e.g. `LoRA(...)(net.old_base)` and `import_lora(net.old_base, file)`).
+
+    Args:
+        old_base: the old run (path or run id), or its denoiser (then give `old_text_encoder`).
+        old_text_encoder: the old base's text encoder when `old_base` is a module.
+        runs_dir: where a bare run id is looked up.
+    """
+
+    def __init__(self, old_base: str | nn.Module, old_text_encoder: nn.Module | None = None, runs_dir: str | None = None) -> None:
+        if isinstance(old_base, nn.Module) and old_text_encoder is None:
+            raise ValueError("XAdapter: an old base given as a module needs its old_text_encoder")
+        self.old_base, self.old_text_encoder, self.runs_dir = old_base, old_text_encoder, runs_dir
+
+    def __call__(self, net: nn.Module) -> nn.Module:
+        old_base, old_text_encoder = self.old_base, self.old_text_encoder
+        if not isinstance(old_base, nn.Module):
+            from lit_models.bundle import load_bundle
+
+            bundle = load_bundle(old_base, runs_dir=self.runs_dir)
+            old_base, old_text_encoder = bundle.net, bundle.text_encoder
+        return XAdaptedUNet(net, old_base, old_text_encoder)
+
+
 class I2VAdapter:
     """I2V-Adapter (Guo et al. 2024): beside every spatial self-attention of a `FactorizedUNet`, a
     branch in which each frame queries the first frame's tokens through the base's frozen key and
@@ -488,6 +516,13 @@ class ParameterEfficientFineTuning(TextToVideo):
         if not self.trainable_names:
             raise ValueError("ParameterEfficientFineTuning: nothing to train (every parameter is frozen)")
         self._peak_memory_logged = False
+
+    def encode_captions(self, captions: Sequence[str]) -> dict[str, Tensor]:
+        """The base's text conditioning, plus what an injected net encodes itself (X-Adapter's
+        old base reads its own text encoder's features)."""
+        conditioning = super().encode_captions(captions)
+        encode_more = getattr(self.net, "encode_captions", None)
+        return {**conditioning, **encode_more(list(captions))} if encode_more is not None else conditioning
 
     def condition(self, batch: dict[str, Any], drop: bool) -> dict[str, Tensor]:
         conditioning = super().condition(batch, drop)

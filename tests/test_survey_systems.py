@@ -454,3 +454,35 @@ def test_drag_editor_moves_the_handle_features_towards_the_target():
     dragged, tracked = editor.drag(net, x_t, t, {}, handles, targets)
     assert loss(dragged) < loss(x_t) and tracked.shape == handles.shape
     assert all(p.requires_grad for p in net.parameters()) and all(p.grad is None for p in net.parameters())
+
+
+# --- X-Adapter ------------------------------------------------------------------------------------
+
+
+def test_x_adapter_starts_as_the_new_base_trains_only_its_mappers_and_carries_an_old_plugin():
+    from tests.test_peft import TEXT_CFG, batch, full_state, one_step, tiny_module, tiny_net
+
+    from lit_models.conditioning import OpenClipTextEncoder
+    from lit_models.peft import LoRA, XAdapter
+
+    torch.manual_seed(7)
+    old_text_encoder = OpenClipTextEncoder(model_name=None, text_cfg=TEXT_CFG, embed_dim=16)
+    module = tiny_module(tiny_net(), [XAdapter(tiny_net(seed=5), old_text_encoder)])
+    data = batch(frames=2)
+    x, t = data["video"], torch.tensor([10, 60])
+    conditioning = module.condition(data, drop=False)
+    assert {"old_context", "old_pooled"} <= set(conditioning)
+    new_only = {k: v for k, v in conditioning.items() if not k.startswith("old_")}
+    assert torch.equal(module.net(x, t, **conditioning), tiny_net()(x, t, **new_only))
+    before = full_state(module)
+    one_step(module, data)
+    changed = {k for k, v in full_state(module).items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith("net.mappers.") for k in changed), sorted(changed)[:4]
+
+    with torch.no_grad():
+        adapted = module.net(x, t, **conditioning)
+        LoRA(rank=2, alpha=2)(module.net.old_base)  # a plugin made for the old base
+        for name, parameter in module.net.old_base.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.5)
+        assert not torch.allclose(module.net(x, t, **conditioning), adapted, atol=1e-5)

@@ -246,3 +246,56 @@ class CtrlAdaptedUNet(nn.Module):
         skips = [adapter(h * per_frame, num_frames) for adapter, h in zip(self.adapters, skips)]
         mid = self.mid_adapter(mid * per_frame, num_frames)
         return run_with_residuals(self.base, skips, mid, x, timesteps, conditioning)
+
+
+class XAdaptedUNet(nn.Module):
+    """X-Adapter (Ran et al. 2024): an old base runs beside the new (upgraded) base, both frozen,
+    and trained mapping layers (1x1 convs, zero-initialised) add each of the old decoder's up-stage
+    outputs to the new decoder's up stage of the same place, so plugins made for the old base
+    (a LoRA, a control branch inside it) steer the new one. The old base reads its own text
+    features (`old_context`, `old_pooled`, `old_context_mask`; `encode_captions` makes them with
+    the old run's text encoder).
+
+    Both bases are effvid U-Nets with the same levels and blocks per level (widths may differ).
+    """
+
+    def __init__(self, base: FactorizedUNet, old_base: FactorizedUNet, old_text_encoder: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(base, FactorizedUNet) or not isinstance(old_base, FactorizedUNet):
+            raise TypeError(f"XAdaptedUNet: needs two FactorizedUNets, got {type(base).__name__} and {type(old_base).__name__}")
+        if len(base.up_stages) != len(old_base.up_stages):
+            raise ValueError(f"XAdaptedUNet: the new base has {len(base.up_stages)} up stages, the old one "
+                             f"{len(old_base.up_stages)} (levels x blocks_per_level must match)")
+        old_base.requires_grad_(False)
+        old_text_encoder.requires_grad_(False)
+        self.old_base, self.old_text_encoder = old_base, old_text_encoder
+        self.mappers = nn.ModuleList(
+            zero_init(nn.Conv2d(old.resblock.conv2.out_channels, new.resblock.conv2.out_channels, 1))
+            for old, new in zip(old_base.up_stages, base.up_stages))
+        for j, stage in enumerate(base.up_stages):
+            base.up_stages[j] = _OutputResidual(stage)
+        self.base = base
+
+    def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
+        """The old base's text conditioning, as `old_*` keys beside the new base's."""
+        embedding = self.old_text_encoder.encode(list(captions))
+        features = {"old_context": embedding.tokens, "old_pooled": embedding.pooled, "old_context_mask": embedding.mask}
+        return {name: value for name, value in features.items() if value is not None}
+
+    def forward(self, x: Tensor, timesteps: Tensor, old_context: Tensor | None = None, old_pooled: Tensor | None = None,
+                old_context_mask: Tensor | None = None, **conditioning: Any) -> Tensor:
+        features: list[Tensor] = []
+        hooks = [stage.register_forward_hook(lambda m, a, out: features.append(out)) for stage in self.old_base.up_stages]
+        try:
+            self.old_base(x, timesteps, context=old_context, pooled=old_pooled, context_mask=old_context_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        ups = list(self.base.up_stages)
+        try:
+            for stage, mapper, feature in zip(ups, self.mappers, features):
+                stage.residual = mapper(feature)
+            return self.base(x, timesteps, **conditioning)
+        finally:
+            for stage in ups:
+                stage.residual = None
