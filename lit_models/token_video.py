@@ -10,7 +10,6 @@ index as the frame-rate token, so one model generates the same motion at several
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -19,12 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_models.conditioning import OpenClipTextEncoder
-from lit_models.metrics import score_digit_prompts
 from lit_models.nets.video_tokens import FrameVQTokenizer, VideoTokenTransformer
-from lit_models.video_logging import save_samples
+from lit_models.video_logging import ValidationSamples
 
 
-class TokenVideoGeneration(L.LightningModule):
+class TokenVideoGeneration(ValidationSamples, L.LightningModule):
     """Tokenizer + autoregressive transformer, trained together: the tokenizer on reconstruction
     plus its VQ loss, the transformer by cross-entropy on the tokenizer's (detached) codes.
 
@@ -136,18 +134,3 @@ class TokenVideoGeneration(L.LightningModule):
         side = int(self.net.tokens_per_frame**0.5)
         codes = codes.view(len(prompts), frames, side, side)
         return self.tokenizer.decode(codes).clamp(-1, 1)
-
-    def on_validation_epoch_start(self) -> None:
-        if not self.val_prompts or self.trainer.sanity_checking:
-            return
-        prompts = [p for p in self.val_prompts for _ in range(self.val_samples_per_prompt)]
-        videos = self.generate(prompts, seed=self.sample_seed)
-        for name, value in self.score(prompts, videos).items():
-            self.log(f"val/{name}", value)
-        if self.trainer.is_global_zero:
-            save_samples(videos, prompts, Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:06d}",
-                         fps=self.sample_fps)
-
-    def score(self, prompts: Sequence[str], videos: Tensor) -> dict[str, float]:
-        """Digit metric when every prompt is a moving-digit caption, else nothing."""
-        return score_digit_prompts(prompts, videos)
