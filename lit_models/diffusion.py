@@ -10,7 +10,9 @@ process to x_t = (1 - sigma) x0 + sigma noise with a velocity target (`flow_matc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import lightning as L
@@ -25,6 +27,41 @@ from lit_models.flow_matching import flow_noised, flow_shift, is_flow_matching, 
 from lit_models.samplers import make_sampler
 
 Conditioning = dict[str, Tensor]  # keyword arguments for the network besides x and timesteps
+
+# Conditioning keys the core itself consumes (never passed to the network): frames given clean,
+# `(B, C, F, H, W)` in diffusion space, where the `(B, F)` bool mask is True (I2V-Adapter's
+# first frame). Those frames enter the network un-noised, are left out of the loss and are
+# kept as given while sampling.
+CLEAN_FRAMES, CLEAN_MASK = "clean_frames", "clean_mask"
+
+
+def split_clean_frames(conditioning: Conditioning) -> tuple[Conditioning, Tensor | None]:
+    """(the conditioning without the clean-frame keys, the `(B, 1, F, 1, 1)` mask or None)."""
+    if CLEAN_FRAMES not in conditioning:
+        return conditioning, None
+    rest = {k: v for k, v in conditioning.items() if k not in (CLEAN_FRAMES, CLEAN_MASK)}
+    mask = conditioning[CLEAN_MASK].bool()[:, None, :, None, None]  # (B, 1, F, 1, 1)
+    return rest, mask
+
+
+def with_clean_frames(x: Tensor, clean: Tensor, mask: Tensor) -> Tensor:
+    """x `(B, C, F, H, W)` with the masked frames replaced by the clean ones."""
+    return torch.where(mask, clean.to(x), x)
+
+
+def decomposed_noise(shape: tuple[int, ...], shared_ratio: float, generator: torch.Generator | None = None) -> Tensor:
+    """Gaussian noise `(B, C, F, H, W)` split as VideoFusion (Luo et al. 2023) splits it: a base
+    drawn once per clip and shared by all its frames, plus a per-frame residual,
+    `sqrt(ratio) * base + sqrt(1 - ratio) * residual`. Every frame's noise stays N(0, I); frames
+    are correlated by `ratio`. Ratio 0 draws exactly what `torch.randn(shape)` would from the
+    same generator (i.i.d. noise), so the option is off bit for bit."""
+    if not 0.0 <= shared_ratio <= 1.0:
+        raise ValueError(f"shared_noise_ratio must be in [0, 1], got {shared_ratio}")
+    residual = torch.randn(shape, generator=generator)  # (B, C, F, H, W)
+    if shared_ratio == 0.0:
+        return residual
+    base = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator)  # (B, C, 1, H, W), one per clip
+    return shared_ratio**0.5 * base + (1.0 - shared_ratio) ** 0.5 * residual
 
 
 def min_snr_weights(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
@@ -56,6 +93,10 @@ class DiffusionModule(L.LightningModule):
         sampler, sample_steps, guidance_scale, guidance_rescale: defaults for `sample`.
         flow_weighting: how a flow-matching model draws training noise levels before the
             schedule's shift (`logit_normal` or `uniform`).
+        shared_noise_ratio: VideoFusion's decomposed noise (`decomposed_noise`), in training and
+            in the sampler's starting noise; 0 is i.i.d. noise per frame.
+        sampling_modifiers: training-free changes applied around every sampling run
+            (`lit_models/training_free.py`: consistent or cross-frame attention, frame smoothing).
     """
 
     def __init__(
@@ -70,6 +111,8 @@ class DiffusionModule(L.LightningModule):
         guidance_scale: float = 1.0,
         guidance_rescale: float = 0.0,
         flow_weighting: str = "logit_normal",
+        shared_noise_ratio: float = 0.0,
+        sampling_modifiers: Sequence[Any] = (),
     ) -> None:
         super().__init__()
         self.net = net
@@ -82,6 +125,9 @@ class DiffusionModule(L.LightningModule):
         self.guidance_scale = guidance_scale
         self.guidance_rescale = guidance_rescale
         self.flow_weighting = flow_weighting
+        decomposed_noise((1, 1, 1, 1, 1), shared_noise_ratio)  # fail at construction on a bad ratio
+        self.shared_noise_ratio = shared_noise_ratio
+        self.sampling_modifiers = list(sampling_modifiers)
         make_sampler(sampler, noise_scheduler)  # fail at construction on a bad sampler name
 
     @property
@@ -122,6 +168,12 @@ class DiffusionModule(L.LightningModule):
             return (sigmas * num_train_timesteps).to(x0.device)
         return torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
 
+    def draw_noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
+        """The forward process's noise for clips of `shape` (i.i.d. unless `shared_noise_ratio`)."""
+        if len(shape) != 5:  # e.g. a single-image batch: nothing to share across
+            return torch.randn(shape, generator=generator)
+        return decomposed_noise(shape, self.shared_noise_ratio, generator)
+
     def noisy_and_target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         """(x_t, the network's regression target) for clean `x0` and `noise` at `timesteps`."""
         if self.flow_matching:
@@ -133,11 +185,19 @@ class DiffusionModule(L.LightningModule):
     ) -> Tensor:
         """Weighted denoising loss per sample, shape `(B,)`."""
         timesteps = self.draw_timesteps(x0, generator)
-        noise = torch.randn(x0.shape, generator=generator).to(x0)  # (B, C, F, H, W)
+        noise = self.draw_noise(tuple(x0.shape), generator).to(x0)  # (B, C, F, H, W)
         x_t, target = self.noisy_and_target(x0, noise, timesteps)
+        clean = conditioning.get(CLEAN_FRAMES)
+        conditioning, clean_mask = split_clean_frames(conditioning)
+        if clean_mask is not None:
+            x_t = with_clean_frames(x_t, clean, clean_mask)
         prediction = self.net(x_t, timesteps, **conditioning)
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
-        loss = loss.flatten(1).mean(dim=1)  # (B,)
+        if clean_mask is None:
+            loss = loss.flatten(1).mean(dim=1)  # (B,)
+        else:  # the mean over the frames that were noised
+            weight = (~clean_mask).to(loss.dtype).expand_as(loss)
+            loss = (loss * weight).flatten(1).sum(dim=1) / weight.flatten(1).sum(dim=1).clamp_min(1.0)
         if self.min_snr_gamma is not None and not self.flow_matching:
             snr = compute_snr(self.noise_scheduler, timesteps)
             loss = loss * min_snr_weights(snr, self.min_snr_gamma, self.prediction_type)
@@ -184,13 +244,20 @@ class DiffusionModule(L.LightningModule):
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         guidance_rescale: float | None = None,
+        initial_noise: Tensor | None = None,
     ) -> Tensor:
         """Draw videos of `shape` `(B, C, F, H, W)`, in the data range [-1, 1].
 
         With `unconditioning` and a guidance scale other than 1, classifier-free guidance runs
         the conditional and unconditional passes as one batch. `guidance_rescale` (Lin et al.
         2023, sec. 3.4) pulls the guided prediction's std back towards the conditional one's.
+        `initial_noise` replaces the drawn starting noise (a noise prior); clean frames in
+        `conditioning` (`CLEAN_FRAMES`) stay as given.
         """
+        clean = conditioning.get(CLEAN_FRAMES)
+        conditioning, clean_mask = split_clean_frames(conditioning)
+        if unconditioning is not None:
+            unconditioning = split_clean_frames(unconditioning)[0]
         rescale = self.guidance_rescale if guidance_rescale is None else guidance_rescale
         steps = steps or self.sample_steps
         tokens = self.sequence_length(tuple(shape))
@@ -204,19 +271,27 @@ class DiffusionModule(L.LightningModule):
         net_conditioning = (
             {k: torch.cat([unconditioning[k], conditioning[k]]) for k in conditioning} if guided else conditioning
         )
-        x = torch.randn(shape, generator=generator).to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
+        start = self.draw_noise(tuple(shape), generator) if initial_noise is None else initial_noise
+        x = start.to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
         step = _step_function(scheduler, generator)
-        for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-            x_in = torch.cat([x_in, x_in]) if guided else x_in
-            timesteps = t.expand(x_in.shape[0]).to(self.device)
-            out = self.net(x_in, timesteps, **net_conditioning)
-            if guided:
-                out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + scale * (out_cond - out_uncond)
-                if rescale > 0:
-                    out = rescale_noise_cfg(out, out_cond, guidance_rescale=rescale)
-            x = step(out.float(), t, x)
+        with contextlib.ExitStack() as modifiers:
+            for modifier in self.sampling_modifiers:
+                modifiers.enter_context(modifier.applied(self, guided))
+            for t in scheduler.timesteps:
+                x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+                if clean_mask is not None:  # after the input scaling, so the clean frames are x0 itself
+                    x_in = with_clean_frames(x_in, clean, clean_mask)
+                x_in = torch.cat([x_in, x_in]) if guided else x_in
+                timesteps = t.expand(x_in.shape[0]).to(self.device)
+                out = self.net(x_in, timesteps, **net_conditioning)
+                if guided:
+                    out_uncond, out_cond = out.chunk(2)
+                    out = out_uncond + scale * (out_cond - out_uncond)
+                    if rescale > 0:
+                        out = rescale_noise_cfg(out, out_cond, guidance_rescale=rescale)
+                x = step(out.float(), t, x)
+        if clean_mask is not None:
+            x = with_clean_frames(x, clean, clean_mask)
         # Pixel-space models are clamped to the data range; latents are not bounded.
         return x.clamp(-1, 1) if getattr(self, "autoencoder", None) is None else x
 

@@ -8,7 +8,12 @@ injectors, each adding the modules it trains:
   temporal attention, convs), with merge/unmerge and safetensors export/import;
 - `SimDAAdapters`: SimDA's spatial and temporal adapters (`nets/adapters.py`);
 - `MotionModule`: AnimateDiff's temporal transformers in a frozen diffusers image U-Net;
-- `ControlBranch`: a ControlNet-style trainable encoder copy fed a per-frame control signal.
+- `ControlBranch`: a ControlNet-style trainable encoder copy fed a per-frame control signal;
+- `CtrlAdapter`: Ctrl-Adapter's adapters from a frozen image ControlNet (a control-branch run)
+  into the frozen base;
+- `XAdapter`: X-Adapter's mapping layers from an old base's decoder into the frozen (new) base;
+- `I2VAdapter`: I2V-Adapter's first-frame attention branch beside each spatial self-attention
+  (trained with the first frame given clean: `lit_models/image_to_video.py`).
 
 Injectors run in order, so MotionLoRA is `[MotionModule(pretrained=...), LoRA(on motion
 modules)]`. An empty list trains the whole base (full fine-tuning, the baseline).
@@ -30,12 +35,13 @@ from torch import Tensor, nn
 from lit_models.nets.adapters import (
     AfterAdapter,
     BottleneckAdapter,
+    FirstFrameAttention,
     FrameCount,
     ParallelAdapter,
     ResBlockWithTemporalAdapter,
     TemporalAdapter,
 )
-from lit_models.nets.control import ControlledUNet, sobel_edges
+from lit_models.nets.control import ControlledUNet, CtrlAdaptedUNet, XAdaptedUNet, sobel_edges
 from lit_models.nets.unet import FactorizedUNet
 from lit_models.text_to_video import TextToVideo
 
@@ -182,6 +188,18 @@ def import_lora(net: nn.Module, path: str | Path, adapter_name: str = "default")
         raise ValueError(f"import_lora: {path} has keys the net's LoRA layers lack, e.g. {unexpected[:3]}")
 
 
+def frame_counter(net: nn.Module) -> FrameCount:
+    """A `FrameCount` that follows the frames of every call of `net` (a forward pre-hook), for
+    adapters inside it that see frames folded into the batch."""
+    frames = FrameCount()
+
+    def count_frames(module: nn.Module, args: tuple) -> None:
+        frames.value = args[0].shape[2]  # x: (B, C, F, H, W)
+
+    net.register_forward_pre_hook(count_frames)
+    return frames
+
+
 class TrainOnly:
     """Unfreeze the base's own parameters whose names match a regex: AnimateDiff's
     name-matched trainable modules. On a factorized net, `r"\\.temporal\\."` trains the
@@ -221,12 +239,7 @@ class SimDAAdapters:
         self.spatial, self.temporal = spatial, temporal
 
     def __call__(self, net: nn.Module) -> nn.Module:
-        frames = FrameCount()
-
-        def count_frames(module: nn.Module, args: tuple) -> None:
-            frames.value = args[0].shape[2]  # x: (B, C, F, H, W)
-
-        net.register_forward_pre_hook(count_frames)
+        frames = frame_counter(net)
         if isinstance(net, FactorizedUNet):
             return self._factorized(net, frames)
         from lit_models.diffusers_pipelines import denoiser_model
@@ -374,6 +387,81 @@ class ControlBranch:
         )
 
 
+class CtrlAdapter:
+    """Ctrl-Adapter: a frozen image ControlNet feeds the frozen base through trained adapters with
+    temporal layers (`nets/control.py` `CtrlAdaptedUNet`); only the adapters train.
+
+    Args:
+        controlnet: the image ControlNet: an effvid run (path or run id) whose net is a control
+            branch on an image model (`experiment=controlvideo`), or that `ControlledUNet` itself.
+        sparse_control: in training, the chance that a frame (not the first) gets no control.
+        runs_dir: where a bare run id is looked up.
+    """
+
+    def __init__(self, controlnet: str | nn.Module, sparse_control: float = 0.0, runs_dir: str | None = None) -> None:
+        if not 0.0 <= sparse_control < 1.0:
+            raise ValueError(f"CtrlAdapter: sparse_control must be in [0, 1), got {sparse_control}")
+        self.controlnet, self.sparse_control, self.runs_dir = controlnet, sparse_control, runs_dir
+
+    def __call__(self, net: nn.Module) -> nn.Module:
+        if not isinstance(net, FactorizedUNet):
+            raise TypeError(f"CtrlAdapter: the backbone must be effvid's FactorizedUNet, got {type(net).__name__}")
+        controlnet = self.controlnet
+        if not isinstance(controlnet, nn.Module):
+            from lit_models.bundle import load_bundle
+
+            controlnet = load_bundle(controlnet, runs_dir=self.runs_dir).net
+        if not isinstance(controlnet, ControlledUNet):
+            raise TypeError(f"CtrlAdapter: controlnet={self.controlnet} holds a {type(controlnet).__name__}, not a "
+                            "control branch (train one with experiment=controlvideo or control_a_video)")
+        return CtrlAdaptedUNet(net, controlnet, self.sparse_control)
+
+
+class XAdapter:
+    """X-Adapter: the frozen old base (an effvid run, with its own text encoder) runs beside the
+    frozen new base, and only the mapping layers from its decoder into the new one train
+    (`nets/control.py` `XAdaptedUNet`). A plugin of the old base then acts on the new one: inject
+    it into `net.old_base` (e.g. `LoRA(...)(net.old_base)` and `import_lora(net.old_base, file)`).
+
+    Args:
+        old_base: the old run (path or run id), or its denoiser (then give `old_text_encoder`).
+        old_text_encoder: the old base's text encoder when `old_base` is a module.
+        runs_dir: where a bare run id is looked up.
+    """
+
+    def __init__(self, old_base: str | nn.Module, old_text_encoder: nn.Module | None = None, runs_dir: str | None = None) -> None:
+        if isinstance(old_base, nn.Module) and old_text_encoder is None:
+            raise ValueError("XAdapter: an old base given as a module needs its old_text_encoder")
+        self.old_base, self.old_text_encoder, self.runs_dir = old_base, old_text_encoder, runs_dir
+
+    def __call__(self, net: nn.Module) -> nn.Module:
+        old_base, old_text_encoder = self.old_base, self.old_text_encoder
+        if not isinstance(old_base, nn.Module):
+            from lit_models.bundle import load_bundle
+
+            bundle = load_bundle(old_base, runs_dir=self.runs_dir)
+            old_base, old_text_encoder = bundle.net, bundle.text_encoder
+        return XAdaptedUNet(net, old_base, old_text_encoder)
+
+
+class I2VAdapter:
+    """I2V-Adapter (Guo et al. 2024): beside every spatial self-attention of a `FactorizedUNet`, a
+    branch in which each frame queries the first frame's tokens through the base's frozen key and
+    value projections, with its own query projection and a zero-initialised output (step 0 is the
+    base, exactly). Train it with `ImageToVideoFineTuning`, which gives the first frame clean."""
+
+    def __call__(self, net: nn.Module) -> nn.Module:
+        if not isinstance(net, FactorizedUNet):
+            raise TypeError(f"I2VAdapter: needs effvid's FactorizedUNet (its spatial self-attention), got {type(net).__name__}")
+        blocks = [stage.transformer for stage in [*net.down_stages, net.mid_stage, *net.up_stages] if stage.transformer is not None]
+        if not blocks:
+            raise ValueError("I2VAdapter: the U-Net has no spatial self-attention (every attention_levels entry is false)")
+        frames = frame_counter(net)
+        for block in blocks:
+            block.self_attention = FirstFrameAttention(block.self_attention, frames)
+        return net
+
+
 CONTROL_SIGNALS = {"sobel_edges": sobel_edges}
 
 
@@ -429,12 +517,30 @@ class ParameterEfficientFineTuning(TextToVideo):
             raise ValueError("ParameterEfficientFineTuning: nothing to train (every parameter is frozen)")
         self._peak_memory_logged = False
 
+    def encode_captions(self, captions: Sequence[str]) -> dict[str, Tensor]:
+        """The base's text conditioning, plus what an injected net encodes itself (X-Adapter's
+        old base reads its own text encoder's features)."""
+        conditioning = super().encode_captions(captions)
+        encode_more = getattr(self.net, "encode_captions", None)
+        return {**conditioning, **encode_more(list(captions))} if encode_more is not None else conditioning
+
     def condition(self, batch: dict[str, Any], drop: bool) -> dict[str, Tensor]:
         conditioning = super().condition(batch, drop)
         if self.control_signal is not None:
             control = batch.get("control")
             conditioning["control"] = control if control is not None else CONTROL_SIGNALS[self.control_signal](batch["video"])
         return conditioning
+
+    @torch.no_grad()
+    def generate_with_control(self, prompts: Sequence[str], control: Tensor, seed: int = 0, **sampling: Any) -> Tensor:
+        """Videos `(len(prompts), C, F, H, W)` following a control clip `(B, K, F, H, W)` (e.g.
+        `sobel_edges(clip)`); a `ControlBranch` run. `sampling`: `sample`'s sampler, steps, guidance_scale."""
+        frames = {"control": control.to(self.device)}
+        conditioning = {**self.encode_captions(prompts), **frames}
+        unconditioning = {**self.encode_captions([""] * len(prompts)), **frames}
+        shape = (len(prompts), self.video_shape[0], control.shape[2], *self.video_shape[2:])
+        generator = torch.Generator().manual_seed(seed)
+        return self.decode_data(self.sample(self.data_shape(shape), conditioning, unconditioning, generator=generator, **sampling))
 
     # --- what a checkpoint holds ---------------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
 from lit_models.conditioning import OpenClipTextEncoder
 from lit_models.diffusion import Conditioning, DiffusionModule
 from lit_models.latent import FrameAutoencoder
-from lit_models.metrics import parse_digit_caption, score_digit_videos
-from lit_models.video_logging import save_samples
+from lit_models.video_logging import ValidationSamples
 
 
-class TextToVideo(DiffusionModule):
+class TextToVideo(ValidationSamples, DiffusionModule):
     """Caption-conditioned video diffusion with classifier-free guidance.
 
     Args:
@@ -171,39 +168,3 @@ class TextToVideo(DiffusionModule):
         generator = torch.Generator().manual_seed(seed)
         latents = self.sample(self.data_shape(shape), conditioning, unconditioning, sampler, steps, guidance_scale, generator)
         return self.decode_data(latents)
-
-    def on_validation_epoch_start(self) -> None:
-        # Sample here, not at epoch end: Lightning runs callback hooks before the module's,
-        # so EMAWeightAveraging has swapped the averaged weights in by now and swaps them back
-        # out before the module's on_validation_epoch_end. Samples then come from the same
-        # (EMA) weights that checkpoints hold and effvid-sample loads.
-        if not self.val_prompts or self.trainer.sanity_checking:
-            return
-        prompts = [p for p in self.val_prompts for _ in range(self.val_samples_per_prompt)]
-        videos = self.generate(prompts, seed=self.sample_seed)
-        for name, value in self.score(prompts, videos).items():
-            self.log(f"val/{name}", value)
-        if self.trainer.is_global_zero:
-            self.write_samples(prompts, videos)
-
-    def score(self, prompts: Sequence[str], videos: Tensor) -> dict[str, float]:
-        """Digit metric when every prompt is a moving-digit caption, else nothing."""
-        parsed = [parse_digit_caption(p) for p in prompts]
-        if not parsed or any(p is None for p in parsed):
-            return {}
-        digits, directions = zip(*parsed)
-        return score_digit_videos(videos, list(digits), list(directions))
-
-    def write_samples(self, prompts: Sequence[str], videos: Tensor) -> None:
-        out_dir = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:06d}"
-        paths = save_samples(videos, prompts, out_dir, fps=self.sample_fps)
-        logger = self.logger
-        if isinstance(logger, WandbLogger):
-            logger.log_image("samples/grid", [str(paths["grid"])], step=self.global_step)
-            videos_to_log = paths["videos"][: len(self.val_prompts)]
-            logger.log_video(
-                "samples/videos",
-                [str(p) for p in videos_to_log],
-                step=self.global_step,
-                caption=list(prompts[: len(videos_to_log)]),
-            )

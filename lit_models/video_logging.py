@@ -1,4 +1,5 @@
-"""Writing generated videos where people look at them: mp4 files and a captioned PNG grid."""
+"""Writing generated videos where people look at them: mp4 files and a captioned PNG grid, and
+the validation samples every generating paradigm draws (`ValidationSamples`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from data_tools.video_io import write_mp4
+from lit_models.metrics import score_digit_prompts
 
 
 def to_uint8_frames(videos: Tensor, scale: int = 1) -> np.ndarray:
@@ -65,3 +67,44 @@ def save_samples(
     video_grid(videos, captions, scale).save(grid_path)
     (out_dir / "captions.txt").write_text("\n".join(captions) + "\n")
     return {"grid": grid_path, "videos": mp4s}
+
+
+class ValidationSamples:
+    """Validation samples for a LightningModule with `generate(prompts, seed=...)`, `val_prompts`,
+    `val_samples_per_prompt`, `sample_seed` and `sample_fps`: drawn at the start of each
+    validation, scored with the digit metric when the prompts are moving-digit captions, written
+    to `samples/step_N/` and logged to W&B."""
+
+    def on_validation_epoch_start(self) -> None:
+        # Sample here, not at epoch end: Lightning runs callback hooks before the module's,
+        # so EMAWeightAveraging has swapped the averaged weights in by now and swaps them back
+        # out before the module's on_validation_epoch_end. Samples then come from the same
+        # (EMA) weights that checkpoints hold and effvid-sample loads.
+        if not self.val_prompts or self.trainer.sanity_checking:
+            return
+        prompts = [p for p in self.val_prompts for _ in range(self.val_samples_per_prompt)]
+        videos = self.generate(prompts, seed=self.sample_seed)
+        for name, value in self.score(prompts, videos).items():
+            self.log(f"val/{name}", value)
+        if self.trainer.is_global_zero:
+            self.write_samples(prompts, videos)
+
+    def score(self, prompts: Sequence[str], videos: Tensor) -> dict[str, float]:
+        """Digit metric when every prompt is a moving-digit caption, else nothing."""
+        return score_digit_prompts(prompts, videos)
+
+    def write_samples(self, prompts: Sequence[str], videos: Tensor) -> None:
+        out_dir = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:06d}"
+        paths = save_samples(videos, prompts, out_dir, fps=self.sample_fps)
+        from lightning.pytorch.loggers import WandbLogger  # here: effvid-sample imports this module without Lightning
+
+        logger = self.logger
+        if isinstance(logger, WandbLogger):
+            logger.log_image("samples/grid", [str(paths["grid"])], step=self.global_step)
+            videos_to_log = paths["videos"][: len(self.val_prompts)]
+            logger.log_video(
+                "samples/videos",
+                [str(p) for p in videos_to_log],
+                step=self.global_step,
+                caption=list(prompts[: len(videos_to_log)]),
+            )

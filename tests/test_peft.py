@@ -39,10 +39,11 @@ def tiny_net(seed: int = 0) -> FactorizedUNet:
     return net
 
 
-def tiny_module(net: torch.nn.Module, trainable: list, **kwargs) -> ParameterEfficientFineTuning:
+def tiny_module(net: torch.nn.Module, trainable: list, paradigm: type = ParameterEfficientFineTuning,
+                **kwargs) -> ParameterEfficientFineTuning:
     torch.manual_seed(1)
     text_encoder = OpenClipTextEncoder(model_name=None, text_cfg=TEXT_CFG, embed_dim=16)
-    return ParameterEfficientFineTuning(
+    return paradigm(
         net=net, text_encoder=text_encoder, trainable=trainable, base="tiny",
         noise_scheduler=DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction"),
         optimizer=partial(torch.optim.AdamW, lr=1e-2), min_snr_gamma=None, **kwargs,

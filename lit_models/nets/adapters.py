@@ -1,5 +1,7 @@
-"""SimDA adapters (Xing et al. 2023) inserted into a built network without editing it: effvid's
-`FactorizedUNet` or a pretrained bundle's diffusers denoiser (`lit_models/peft.py` places them).
+"""Adapters inserted into a built network without editing it (`lit_models/peft.py` places them).
+
+SimDA's (Xing et al. 2023), in effvid's `FactorizedUNet` or a pretrained bundle's diffusers
+denoiser:
 
 - spatial adapters: a bottleneck MLP (ratio 0.25, GELU) after each spatial self-attention and
   one beside (in parallel with) each feed-forward;
@@ -10,17 +12,22 @@ Every adapter's last layer is zero-initialised, so the adapted network starts as
 base network. Adapters are placed by wrapping the base's modules (`stage.resblock`,
 `transformer.self_attention`, `transformer.feed_forward`); the base's own weights stay where
 they were, under the same names plus `.base`.
+
+I2V-Adapter's first-frame attention branch (`FirstFrameAttention`) sits beside each spatial
+self-attention of a `FactorizedUNet`, on the same principle.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
-from einops import rearrange
+import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from lit_models.nets.layers import zero_init
+from lit_models.nets.layers import Attention, zero_init
 
 
 class BottleneckAdapter(nn.Module):
@@ -100,3 +107,31 @@ class ResBlockWithTemporalAdapter(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         # effvid's ResBlock(x, embedding); diffusers' ResnetBlock2D(input_tensor=..., temb=...)
         return self.adapter(self.base(*args, **kwargs), self.frames.value)
+
+
+class FirstFrameAttention(nn.Module):
+    """I2V-Adapter's branch (Guo et al. 2024) beside a frozen spatial self-attention: every frame's
+    tokens also query the first frame's tokens, `base(x) + W'_o attn(W'_q x, W_k x_1, W_v x_1)`.
+
+    The keys and values are the base's own (frozen) projections of frame 1's tokens; a new query
+    projection (initialised as the base's) and a zero-initialised output projection train, so
+    the adapted network starts as exactly the base. Called like the base, x `(B*F, S, D)`.
+    """
+
+    def __init__(self, base: Attention, frames: FrameCount) -> None:
+        super().__init__()
+        if not isinstance(base, Attention):
+            raise TypeError(f"FirstFrameAttention: wraps effvid's Attention, got {type(base).__name__}")
+        self.base, self.frames = base, frames
+        self.first_frame_query = copy.deepcopy(base.to_q).requires_grad_(True)
+        self.first_frame_out = zero_init(nn.Linear(base.to_out.in_features, base.to_out.out_features))
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        out = self.base(x, context, mask)
+        num_frames, heads = self.frames.value, self.base.heads
+        first = rearrange(x, "(b f) s d -> b f s d", f=num_frames)[:, 0]  # (B, S, D): frame 1's tokens
+        k, v = rearrange(self.base.to_kv(first), "b s (two h d) -> two b h s d", two=2, h=heads)
+        k, v = (repeat(t, "b h s d -> (b f) h s d", f=num_frames) for t in (k, v))
+        q = rearrange(self.first_frame_query(x), "n s (h d) -> n h s d", h=heads)
+        branch = rearrange(F.scaled_dot_product_attention(q, k, v), "n h s d -> n s (h d)")
+        return out + self.first_frame_out(branch)
