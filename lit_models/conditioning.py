@@ -130,7 +130,10 @@ class OpenClipTextEncoder(nn.Module):
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises several types for missing or foreign files
-            hint = " (train it: effvid-train experiment=digits_text_pretraining run_id=digits-text)" if "digits-text" in str(path) else ""
+            # `weights` is always a caption-clip stage's checkpoint: say how to make a missing one.
+            hint = ""
+            if isinstance(error, FileNotFoundError):
+                hint = " (a digits_text_pretraining run writes it: effvid-train experiment=digits_text_pretraining run_id=NAME)"
             raise ValueError(f"OpenClipTextEncoder: cannot read weights {path}: {error}{hint}") from None
         state = _strip_prefix(checkpoint.get("state_dict", checkpoint), "text_encoder.")
         if not state:
