@@ -202,13 +202,13 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:
 
 
 def resume_step(cfg: DictConfig) -> int | None:
-    """The global step of the checkpoint `cfg.resume` names; None for a new run."""
+    """The global step of the checkpoint `cfg.resume` names; None for a new run. A checkpoint
+    that does not say is refused by name later (`check_checkpoint_fits`, Lightning); until then
+    metrics.jsonl is cut only where the resumed process starts logging."""
     if not cfg.get("resume"):
         return None
     step = checkpoint_step(Path(cfg.resume))
-    if step is None:
-        raise RunError(f"cannot read the global step of checkpoint {cfg.resume}")
-    return step
+    return sys.maxsize if step is None else step
 
 
 def run_training(cfg: DictConfig) -> dict[str, float]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,13 @@ def test_resumed_run_reads_as_one_history_without_the_killed_process_steps(runs_
     # training time continues from the last kept row (step 10) instead of restarting at 0
     elapsed = [row[TIME_KEY] for row in history]
     assert elapsed == sorted(elapsed) and len(set(elapsed)) == len(elapsed) and elapsed[2] > elapsed[1]
+
+
+def test_a_resume_from_a_checkpoint_of_unknown_step_cuts_where_it_starts_logging(tmp_path: Path) -> None:
+    _log_segment(tmp_path, {0: 1.0, 1: 0.9, 2: 0.8}, {})
+    _log_segment(tmp_path, {1: 0.5}, {}, resume_step=sys.maxsize)  # what effvid-train passes then
+    assert [(row["step"], row["train/loss"]) for row in read_metrics_file(tmp_path / "metrics.jsonl")] == [
+        (0, 1.0), (1, 0.5)]
 
 
 def test_a_torn_row_mid_file_is_left_out_by_name_and_a_run_from_before_metrics_files_is_named(
