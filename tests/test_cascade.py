@@ -95,8 +95,7 @@ def test_cascade_pipeline_doubles_frames_then_resolution(tmp_path, digits_data_r
     common = [*tiny_overrides(digits_data_root, runs, max_steps=2), "~logger", "trainer.limit_val_batches=0"]
     run_training(compose_config([*common, "run_id=base"]))
     run_training(compose_config([*common, "run_id=tsr", "experiment=lvdm"]))
-    run_training(compose_config([*common, "run_id=ssr", "experiment=spatial_sr_digits", "model.channels=[8,16,16]",
-                                 "data.batch_size=2"]))
+    run_training(compose_config([*common, "run_id=ssr", "experiment=spatial_sr_digits", "data.batch_size=2"]))
     cfg = compose_config([
         f"runs_dir={runs}", "run=base", "prompts=[a handwritten 5 moving up]", "pipeline=cascade",
         "temporal_sr=tsr", "spatial_sr=ssr", "steps=2", f"out={tmp_path / 'out'}", "cache=2",

@@ -50,11 +50,9 @@ def train(folders: dict[str, Path], data_root: Path, runs_dir: Path, family: str
     spec = FAMILIES[family]
     overrides = [
         f"experiment={spec['experiment']}", f"pretrained={folders[family]}", f"data_root={data_root}",
-        f"runs_dir={runs_dir}", f"run_id={run_id}", "data.size=32", f"data.num_frames={spec['frames']}",
-        "data.num_workers=0", "data.shuffle_buffer=4", "data.batch_size=2", "trainer.max_steps=2",
-        "trainer.limit_val_batches=0", "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "~logger", "callbacks.checkpoint.every_n_train_steps=2", "paradigm.optimizer.lr=0.05",
-        "paradigm.lr_scheduler.num_warmup_steps=0",
+        f"runs_dir={runs_dir}", f"run_id={run_id}", "debug=few_steps", "data.size=32",
+        f"data.num_frames={spec['frames']}", "data.shuffle_buffer=4", "data.batch_size=2", "trainer.max_steps=2",
+        "trainer.limit_val_batches=0", "~logger", "paradigm.optimizer.lr=0.05", "paradigm.lr_scheduler.num_warmup_steps=0",
     ]  # fmt: skip
     if family == "sd":
         overrides.append(f"bundle.motion_adapter={folders['motion_adapter']}")

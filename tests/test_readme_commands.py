@@ -181,9 +181,8 @@ def test_every_readme_command_a_cpu_can_run_runs_as_written(tmp_path, capsys, mo
     assert "samples" in run(c["effvid-data inspect SHARD_DIR"], SHARD_DIR=str(shards / "train"))
 
     # A latent quickstart with a frozen text tower (the README's example: experiment=magicvideo ...).
-    overrides = [*tiny, "+autoencoder=digits", f"paradigm.autoencoder.weights={vae_weights(tmp_path / 'vae.ckpt', 0)}",
-                 "paradigm.autoencoder.block_out_channels=[8,16]", "paradigm.autoencoder.norm_num_groups=4",
-                 "paradigm.text_encoder.trainable=false"]
+    overrides = [*tiny_overrides(root, runs, max_steps=2, debug="tiny_latent"),
+                 f"paradigm.autoencoder.weights={vae_weights(tmp_path / 'vae.ckpt', 0)}", "paradigm.text_encoder.trainable=false"]
     encoded = root / "digits" / "encoded"
     run(c["effvid-data encode --input SHARD_DIR --out ENCODED_DIR OVERRIDES"],
         SHARD_DIR=str(shards / "train"), ENCODED_DIR=str(encoded / "train"), OVERRIDES=overrides)
