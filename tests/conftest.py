@@ -60,6 +60,12 @@ def tiny_pipeline_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     return folders
 
 
+@pytest.fixture(scope="session")
+def folders(tiny_pipeline_folders: dict[str, Path]) -> dict[str, Path]:
+    """`tiny_pipeline_folders` by the short name the pretrained-bundle tests use."""
+    return tiny_pipeline_folders
+
+
 def tiny_overrides(data_root: Path, runs_dir: Path, max_steps: int = 4, debug: str = "tiny") -> list[str]:
     """The quickstart experiment at test size for `max_steps` steps: experiments/conf/debug/tiny.yaml,
     or `debug="tiny_latent"` for latent diffusion with the digits VAE."""
