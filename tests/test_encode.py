@@ -91,6 +91,7 @@ def test_float16_latents_stay_within_half_precision(encoded, digits_data_root, t
     assert not torch.equal(half["latent"], full["latent"])  # really stored in float16
 
 
+@pytest.mark.slow
 def test_run_trains_on_encoded_shards_and_refuses_other_encoders(encoded, digits_data_root, tmp_path):
     base = [*latent_overrides(digits_data_root, tmp_path / "runs", encoded["vae"], max_steps=3), "~logger",
             "data=digits_encoded", f"data.train_shards={encoded['train']}", f"data.val_shards={encoded['val']}"]

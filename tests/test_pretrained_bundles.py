@@ -144,6 +144,7 @@ def test_paradigms_and_shapes_that_do_not_fit_the_family_are_refused(
         ("sd", "{_target_: lit_models.peft.ControlBranch}", "controlnet"),
     ],
 )
+@pytest.mark.slow
 def test_adapters_and_control_branch_start_at_the_bundle_and_train_alone(
     folders: dict[str, Path], tmp_path: Path, family: str, injector: str, trained: str
 ) -> None:

@@ -19,6 +19,8 @@ from lit_models.export import ExportError, export_run
 from tests.conftest import compose_config
 from tests.test_pretrained_bundles import FAMILIES, PROMPT
 
+pytestmark = pytest.mark.slow  # every test here trains runs or reads the ones trained (make test-fast leaves them out)
+
 
 def train(folders: dict[str, Path], data_root: Path, runs_dir: Path, family: str, run_id: str, *extra: str) -> Path:
     """A real 2-step effvid-train run of the family's experiment at a learning rate that moves

@@ -139,6 +139,7 @@ def test_the_readme_lists_exactly_the_commands_this_test_knows():
     assert readme_commands() == list(COMMANDS), "a README command changed: run it here or say why a CPU cannot"
 
 
+@pytest.mark.slow
 def test_every_readme_command_a_cpu_can_run_runs_as_written(tmp_path, capsys, monkeypatch):
     c = {command: command for command in COMMANDS}  # spelled as in the README
     root, runs = tmp_path / "data", tmp_path / "runs"

@@ -62,6 +62,7 @@ def run(argv: list[str]) -> None:
         assert exit.code in (0, None), f"{' '.join(argv)} exited with {exit.code}"
 
 
+@pytest.mark.slow
 def test_every_readme_pretrained_command_runs_as_written(
     tiny_pipeline_folders: dict[str, Path], digits_data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

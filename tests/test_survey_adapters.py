@@ -33,6 +33,7 @@ def i2v_module(**kwargs):
     return tiny_net(), module
 
 
+@pytest.mark.slow
 def test_i2v_adapter_starts_as_the_base_bit_exact_and_trains_only_its_branch():
     from tests.test_peft import batch, full_state, one_step
 
@@ -109,6 +110,7 @@ def ctrl_adapter_module(sparse_control: float = 0.0):
     return tiny_module(tiny_net(), [CtrlAdapter(controlnet, sparse_control)], control_signal="sobel_edges")
 
 
+@pytest.mark.slow
 def test_ctrl_adapter_starts_as_the_backbone_and_trains_only_its_adapters():
     from tests.test_peft import batch, full_state, one_step, tiny_net
 
@@ -125,6 +127,7 @@ def test_ctrl_adapter_starts_as_the_backbone_and_trains_only_its_adapters():
     assert not any(p.requires_grad for p in module.net.controlnet.parameters())
 
 
+@pytest.mark.slow
 def test_ctrl_adapter_sparse_control_reaches_uncontrolled_frames_through_its_temporal_layers():
     from tests.test_peft import batch
 
@@ -184,6 +187,7 @@ def test_drag_editor_samples_features_bilinearly_and_tracks_a_moved_feature():
     assert DragEditor(search_radius=2).track(moved, start, torch.tensor([[[3.0, 3.0]]])).tolist() == [[[4.0, 5.0]]]
 
 
+@pytest.mark.slow
 def test_drag_editor_moves_the_handle_features_towards_the_target():
     from tests.test_peft import tiny_net
 
@@ -207,6 +211,7 @@ def test_drag_editor_moves_the_handle_features_towards_the_target():
 # --- X-Adapter ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_x_adapter_starts_as_the_new_base_trains_only_its_mappers_and_carries_an_old_plugin():
     from tests.test_peft import TEXT_CFG, batch, full_state, one_step, tiny_module, tiny_net
 

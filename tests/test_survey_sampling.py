@@ -175,6 +175,7 @@ def test_sampling_applies_the_configured_modifiers_around_the_loop():
     assert "forward" not in vars(attention)
 
 
+@pytest.mark.slow
 def test_controlvideo_samples_follow_the_control_clip_with_both_unets_cross_frame():
     from tests.test_peft import tiny_module, tiny_net
 

@@ -27,6 +27,7 @@ def token_module(**kwargs):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_token_model_loss_falls_and_samples_decode_to_clips():
     module = token_module()
     torch.manual_seed(1)
@@ -56,6 +57,7 @@ def test_token_model_frame_rate_classes_take_every_rth_frame_of_the_dense_clip()
         module.subsample(video[:, :, :2])
 
 
+@pytest.mark.slow
 def test_cogvideo_experiment_builds_a_token_model_that_fits_the_digit_clips():
     from hydra.utils import instantiate
 
