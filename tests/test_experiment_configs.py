@@ -66,3 +66,18 @@ def test_latent_option_composes_onto_a_system_and_diffuses_latents():
     assert module.net.conv_in.in_channels == 4
     videos = module.generate(["a handwritten 3 moving up"], steps=1, num_frames=2)
     assert videos.shape == (1, 1, 2, 16, 16)
+
+
+def test_no_config_group_is_named_like_a_key_of_the_sample_or_export_config():
+    """effvid-sample and effvid-export compose from the same experiments/conf: a group named like
+    one of their keys (a `prompts/` group beside sample.yaml's `prompts`) turns `prompts=[...]`
+    on their command line into a group choice that does not exist."""
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).parents[1] / "experiments/conf"
+    groups = {p.name for p in conf.iterdir() if p.is_dir() and not p.name.startswith("__")}
+    for name in ("sample", "export"):
+        keys = set(OmegaConf.load(conf / f"{name}.yaml")) - {"defaults", "hydra"}
+        assert not keys & groups, f"{name}.yaml keys that are also config groups: {sorted(keys & groups)}"
+    with initialize_config_module("experiments.conf", version_base="1.3"):
+        assert compose("sample", ["prompts=[a handwritten 3 moving up]"]).prompts == ["a handwritten 3 moving up"]
