@@ -87,7 +87,6 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return runs
 
 
-@pytest.mark.slow
 def test_resumed_run_reads_as_one_history_without_the_killed_process_steps(runs_dir: Path) -> None:
     # the file itself holds each step the run kept once: the killed process's rows at and past
     # the checkpoint (and its half-written row) are gone, not merely hidden by the reader
@@ -127,7 +126,6 @@ def test_a_torn_row_mid_file_is_left_out_by_name_and_a_run_from_before_metrics_f
         assert load_history(old) == []
 
 
-@pytest.mark.slow
 def test_one_segment_history_merges_train_and_val_logs_of_a_step(runs_dir: Path) -> None:
     history = load_history(runs_dir / "aaa11111")
     assert [row[STEP_KEY] for row in history] == [0, 10, 20, 30]
@@ -139,7 +137,6 @@ def test_one_segment_history_merges_train_and_val_logs_of_a_step(runs_dir: Path)
     }
 
 
-@pytest.mark.slow
 def test_compare_reports_final_values_config_difference_and_plot(runs_dir: Path, capsys) -> None:
     assert runs_cli.main(["compare", "aaa11111", "bbb22222", "--runs-dir", str(runs_dir), "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -162,7 +159,6 @@ def test_compare_reports_final_values_config_difference_and_plot(runs_dir: Path,
     assert plt.imread(png).shape[0] > 100
 
 
-@pytest.mark.slow
 def test_compare_table_shows_both_runs_and_the_differing_key(runs_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "plots" / "cmp.png"
     code = runs_cli.main(["compare", "aaa11111", "bbb22222", "--runs-dir", str(runs_dir),
@@ -178,7 +174,6 @@ def test_compare_table_shows_both_runs_and_the_differing_key(runs_dir: Path, tmp
     assert out.read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.slow
 def test_list_shows_both_runs_with_last_train_loss(runs_dir: Path, capsys) -> None:
     assert runs_cli.main(["list", "--runs-dir", str(runs_dir), "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -187,7 +182,6 @@ def test_list_shows_both_runs_with_last_train_loss(runs_dir: Path, capsys) -> No
                          "bbb22222,running,digits_quickstart,40,2025-01-02T10:00:00,0.4"]
 
 
-@pytest.mark.slow
 def test_unknown_run_id_names_it_the_runs_dir_and_the_closest_ids(runs_dir: Path, capsys) -> None:
     with pytest.raises(RunNotFoundError, match=r"no run 'aaa1111x' in runs dir .*closest ids: aaa11111"):
         get_run(runs_dir, "aaa1111x")
@@ -197,7 +191,6 @@ def test_unknown_run_id_names_it_the_runs_dir_and_the_closest_ids(runs_dir: Path
     assert captured.out == ""
 
 
-@pytest.mark.slow
 def test_env_var_sets_the_runs_dir_and_bad_run_json_is_skipped_by_name(
         runs_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     broken = tmp_path / "runs" / "broken"
@@ -260,6 +253,7 @@ def test_compare_selects_runs_by_group_and_tag_and_plots_step_and_time(runs_dir:
     assert "group='nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_online_selects_by_group_and_tag_through_the_wandb_api(monkeypatch) -> None:
     import wandb
 
