@@ -100,6 +100,7 @@ class DenoisingAndPriorLoss(DenoisingLoss):
 
     def __init__(self, prior_loss_weight: float = 1.0) -> None:
         super().__init__()
+        self.prior_loss_weight = prior_loss_weight
 
     def forward(self, module: Any, batch: dict[str, Any], stage: str, generator: torch.Generator | None) -> Losses:
         losses, batch_size = super().forward(module, batch, stage, generator)

@@ -78,10 +78,12 @@ class KnownFrames(TextOnly):
         mask = random_frame_masks(known.shape[0], known.shape[2], self.mask_modes, generator).to(known.device)
         return {"known": known, "known_mask": mask}
 
-    def sampling(self, module: Any, shape: tuple[int, ...], generator: torch.Generator, known: Tensor,
-                 known_mask: Tensor) -> SamplingRequest:  # fmt: skip
+    def sampling(self, module: Any, shape: tuple[int, ...], generator: torch.Generator, known: Tensor | None = None,
+                 known_mask: Tensor | None = None) -> SamplingRequest:  # fmt: skip
         """Videos shaped like `known` `(B, C, F, H, W)`, its frames where `known_mask` `(B, F)` is
-        True given (and copied into the result)."""
+        True given (and copied into the result); without them, plain generation."""
+        if known is None or known_mask is None:
+            return super().sampling(module, shape, generator)
         known, known_mask = known.to(module.device), known_mask.to(module.device)
         frames = {"known": module.encode_data(known), "known_mask": known_mask}
         finish = lambda videos: torch.where(known_mask[:, None, :, None, None], known, videos)  # noqa: E731
@@ -132,8 +134,10 @@ class FirstFrameGiven(TextOnly):
         gamma = self.prior_strength
         return gamma**0.5 * noised_first + (1.0 - gamma) ** 0.5 * noise
 
-    def sampling(self, module: Any, shape: tuple[int, ...], generator: torch.Generator, images: Tensor) -> SamplingRequest:
-        """Videos whose first frame is `images` `(B, C, H, W)` in [-1, 1]."""
+    def sampling(self, module: Any, shape: tuple[int, ...], generator: torch.Generator, images: Tensor | None = None) -> SamplingRequest:
+        """Videos whose first frame is `images` `(B, C, H, W)` in [-1, 1]; without, plain generation."""
+        if images is None:
+            return super().sampling(module, shape, generator)
         shape = module.data_shape(shape)
         first = module.encode_data(images.to(module.device)[:, :, None])  # (B, C', 1, h, w)
         given = {CLEAN_FRAMES: first.expand(shape), CLEAN_MASK: first_frame_mask(shape[0], shape[2], module.device)}
