@@ -146,10 +146,11 @@ class PreferenceObjective(Objective):
         return (*model_err.chunk(2), *ref_err.chunk(2))  # type: ignore[return-value]
 
     def forward(self, module: Any, batch: dict[str, Any], stage: str, generator: torch.Generator | None) -> Losses:
-        win, lose = module.clean_data(batch, "win"), module.clean_data(batch, "lose")
+        win = module.clean_data(batch, "win")  # (B, C, F, H, W) in diffusion space
         conditioning = module.text_condition(batch, drop=False)
         if self.objective == "sft":
             return {"loss": module.diffusion_loss(win, conditioning, generator).mean()}, win.shape[0]
+        lose = module.clean_data(batch, "lose")
         loss, stats = dpo_loss(*self.preference_errors(module, win, lose, conditioning, generator), beta=self.beta)
         return {"loss": loss, **stats}, win.shape[0]
 
