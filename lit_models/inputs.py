@@ -37,6 +37,8 @@ class SamplingRequest:
 class TextOnly:
     """Nothing beside the text (the default)."""
 
+    prompts_alone = True  # `generate(prompts)` works without anything given (validation samples from val_prompts)
+
     def bind(self, module: Any) -> None:
         """Sees the built module (reads its noise schedule)."""
 

@@ -82,6 +82,8 @@ class LowResFrames(TextOnly):
         val_videos: validation clips upsampled (from the first val batch) and scored.
     """
 
+    prompts_alone = False  # nothing to upsample from prompts alone: validation upsamples real clips
+
     def __init__(self, scale_factor: int = 2, max_aug_level: int = 250, sample_aug_level: int = 50, val_videos: int = 8) -> None:
         if scale_factor < 1:
             raise ValueError(f"scale_factor must be >= 1, got {scale_factor}")

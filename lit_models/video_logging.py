@@ -82,7 +82,8 @@ class ValidationSamples:
         # out before the module's on_validation_epoch_end. Samples then come from the same
         # (EMA) weights that checkpoints hold and effvid-sample loads.
         self.validation_samples = None
-        if not self.val_prompts or self.trainer.sanity_checking:
+        inputs = getattr(self, "inputs", None)  # a paradigm whose inputs need more than prompts samples elsewhere
+        if not self.val_prompts or self.trainer.sanity_checking or not getattr(inputs, "prompts_alone", True):
             return
         prompts = [p for p in self.val_prompts for _ in range(self.val_samples_per_prompt)]
         videos = self.generate(prompts, seed=self.sample_seed)
