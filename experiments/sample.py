@@ -70,7 +70,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.out) if cfg.out else new_sample_dir(run_dir)
     paths = save_samples(videos, prompts, out, fps=model.sample_fps * videos.shape[2] / stages["base"].shape[2])
     # The digit metric reads frames at the base resolution: a spatially upsampled video is scored resized back.
-    scores = digit_scores(prompts, resize_frames(videos, tuple(stages["base"].shape[-2:])))
+    scores = digit_scores(prompts, resize_frames(videos, tuple(stages["base"].shape[-2:])), reward=False)
     print(f"effvid-sample: {len(prompts)} videos {tuple(videos.shape[1:])} from {ckpt}")
     print(f"  sampler={sampler} steps={steps} guidance={guidance} cache={cfg.cache}")
     if len(stages) > 1:
