@@ -216,18 +216,13 @@ class ImageTextToVideo(DiffusionModule):
         target = self.clip.encode_image(batch["image"])
         return F.mse_loss(self.prior(self.clip.encode_text(list(batch["caption"]))), target)
 
-    def configure_optimizers(self) -> Any:
+    def parameter_groups(self) -> list[Tensor] | list[dict[str, Any]]:
         """Video stage without freezing: the spatial layers at `spatial_lr_scale` x the LR."""
         if self.stage == "t2i" or self.freeze_spatial:
-            return super().configure_optimizers()
+            return super().parameter_groups()
         base_lr = self.optimizer_factory.keywords["lr"]
         named = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
-        groups = [
+        return [
             {"params": [p for n, p in named if is_temporal_parameter(n)]},
             {"params": [p for n, p in named if not is_temporal_parameter(n)], "lr": base_lr * self.spatial_lr_scale},
         ]
-        optimizer = self.optimizer_factory(groups)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
