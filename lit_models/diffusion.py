@@ -113,7 +113,7 @@ class DiffusionModule(ForwardProcess, Sampling, ValidationSamples, FineTuningChe
         autoencoder: nn.Module | None = None,
         text_encoder_lr_scale: float = 1.0,
         objective: Objective | None = None,
-        inputs: Any = None,
+        inputs: TextOnly | None = None,
         trainable: Sequence[Any] | None = None,
         base: str | None = None,
     ) -> None:
