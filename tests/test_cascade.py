@@ -127,3 +127,16 @@ def test_sampling_cache_interval_one_is_exact_and_wrong_kind_is_named():
     with pytest.raises(ValueError, match="needs a diffusers transformer backbone"):
         with sampling_cache(model, "first_block"):
             pass
+
+
+def test_super_resolution_generate_upsamples_the_given_low_res_clip():
+    model = tiny_sr()
+    randomise_zero_layers(model.net.net)
+    prompts = ["a handwritten 6 moving up", "a handwritten 2 moving left"]
+    low = torch.rand(2, 1, 4, 8, 8) * 2 - 1
+    videos = model.generate(prompts, steps=2, seed=3, low_res=low)
+    assert videos.shape == (2, 1, 4, 16, 16)  # scale_factor 2, whatever video_shape says
+    torch.testing.assert_close(videos, model.upsample(prompts, low, steps=2, seed=3), rtol=0, atol=0)
+    assert not torch.allclose(model.generate(prompts, steps=2, seed=3, low_res=low.flip(0)), videos)  # it follows the clip
+    with pytest.raises(TypeError, match="low_res"):
+        model.generate(prompts, steps=2)

@@ -142,3 +142,17 @@ def test_distillation_trains_only_the_student(digits_data_root: Path, tmp_path: 
 def test_a_wrong_teacher_checkpoint_names_the_problem(digits_data_root: Path, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="teacher_checkpoint"):
         tiny_student(digits_data_root, tmp_path, "progressive_distillation", tmp_path / "missing.ckpt")
+
+
+def test_a_student_checkpoint_from_before_objectives_loads(digits_data_root: Path, tmp_path: Path) -> None:
+    # The teacher and the EMA target moved into the objective (`objective.teacher.*`); a checkpoint
+    # written when they were the module's own (`teacher.*`, `target_net.*`) still loads whole.
+    student, _ = tiny_student(digits_data_root, tmp_path, "consistency_distillation")
+    with torch.no_grad():
+        for p in student.objective.parameters():
+            p.add_(1.0)
+    old = {k.removeprefix("objective."): v.clone() for k, v in student.state_dict().items()}
+    assert any(k.startswith("teacher.") for k in old) and any(k.startswith("target_net.") for k in old)
+    fresh, _ = tiny_student(digits_data_root, tmp_path, "consistency_distillation")
+    fresh.load_state_dict(old)  # strict
+    assert all(torch.equal(a, b) for a, b in zip(fresh.objective.parameters(), student.objective.parameters()))
