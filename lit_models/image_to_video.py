@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from lit_models.diffusion import DiffusionModule
-from lit_models.inputs import FirstFrameGiven, first_frame_mask  # noqa: F401 - importable from here
+from lit_models.inputs import FirstFrameGiven
 from lit_models.peft import require_bundle
 
 
@@ -36,17 +35,6 @@ class ImageToVideoFineTuning(DiffusionModule):
             raise ValueError("ImageToVideoFineTuning: control_signal is not supported with a given first frame")
         super().__init__(net=net, text_encoder=text_encoder, trainable=list(trainable), base=base,
                          inputs=FirstFrameGiven(prior_strength, prior_noise_level), **diffusion)  # fmt: skip
-
-    @property
-    def prior_strength(self) -> float:
-        return self.inputs.prior_strength
-
-    @prior_strength.setter
-    def prior_strength(self, value: float) -> None:
-        self.inputs.prior_strength = value
-
-    def frame_similarity_noise(self, first: Tensor, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
-        return self.inputs.frame_similarity_noise(self, first, shape, generator)
 
     def generate_from_image(self, prompts: Sequence[str], images: Tensor, seed: int = 0, num_frames: int | None = None,
                             **sampling: Any) -> Tensor:  # fmt: skip

@@ -174,7 +174,3 @@ class DiffusionDPO(DiffusionModule):
             raise ValueError("DiffusionDPO: control_signal is not supported (preference pairs carry no control clip)")
         super().__init__(net=net, text_encoder=text_encoder, trainable=list(trainable), base=base,
                          objective=PreferenceObjective(beta, objective, error_space), **diffusion)  # fmt: skip
-
-    def reference(self) -> contextlib.AbstractContextManager[nn.Module]:
-        """The reference model: the net with LoRA disabled, or the frozen copy."""
-        return self.objective.reference(self.net)

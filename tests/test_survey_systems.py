@@ -277,9 +277,9 @@ def test_generate_from_image_keeps_the_first_frame_and_the_prior_is_plain_noise_
     assert videos.shape == (2, 1, 3, 8, 8) and torch.allclose(videos[:, :, 0], images)
     first, shape = images[:, :, None], (2, 1, 3, 8, 8)
     plain = module.draw_noise(shape, torch.Generator().manual_seed(5))
-    assert torch.equal(module.frame_similarity_noise(first, shape, torch.Generator().manual_seed(5)), plain)
-    module.prior_strength = 1.0
-    prior = module.frame_similarity_noise(first, shape, torch.Generator().manual_seed(5))
+    assert torch.equal(module.inputs.frame_similarity_noise(module, first, shape, torch.Generator().manual_seed(5)), plain)
+    module.inputs.prior_strength = 1.0
+    prior = module.inputs.frame_similarity_noise(module, first, shape, torch.Generator().manual_seed(5))
     assert torch.equal(prior, prior[:, :, :1].expand_as(prior))  # every frame starts from the noised image
     assert torch.corrcoef(torch.stack([prior[:, :, 0].flatten(), first.flatten()]))[0, 1] > 0.2
 
