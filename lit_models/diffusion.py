@@ -26,16 +26,7 @@ from diffusers import DDPMScheduler
 from torch import Tensor, nn
 
 from lit_models.fine_tuning import FineTuningCheckpoint
-from lit_models.forward_process import (  # noqa: F401 - re-exported: the names paradigms import
-    CLEAN_FRAMES,
-    CLEAN_MASK,
-    Conditioning,
-    ForwardProcess,
-    decomposed_noise,
-    min_snr_weights,
-    split_clean_frames,
-    with_clean_frames,
-)
+from lit_models.forward_process import Conditioning, ForwardProcess, decomposed_noise
 from lit_models.inputs import TextOnly
 from lit_models.objectives import DenoisingLoss, Objective
 from lit_models.samplers import make_sampler

@@ -19,7 +19,8 @@ from diffusers.training_utils import compute_snr
 from einops import rearrange
 from torch import Tensor
 
-from lit_models.diffusion import Conditioning, DiffusionModule, min_snr_weights
+from lit_models.diffusion import DiffusionModule
+from lit_models.forward_process import Conditioning, min_snr_weights
 from lit_models.objectives import DenoisingLoss, Losses
 
 

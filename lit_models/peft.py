@@ -15,29 +15,17 @@ from typing import Any
 from torch import nn
 
 from lit_models.diffusion import DiffusionModule
-from lit_models.fine_tuning import count_parameters, peak_memory_mb  # noqa: F401 - importable from here
 from lit_models.injectors import (  # noqa: F401 - the names configs' _target_ use
     ControlBranch,
     CtrlAdapter,
     I2VAdapter,
+    LoRA,
     MotionModule,
     SimDAAdapters,
     TrainOnly,
     XAdapter,
-    frame_counter,
-    save_motion_adapter,
 )
-from lit_models.inputs import CONTROL_SIGNALS, ControlSignal  # noqa: F401
-from lit_models.lora import (  # noqa: F401
-    LoRA,
-    adapters_disabled,
-    export_lora,
-    import_lora,
-    lora_layers,
-    merge_and_unload_lora,
-    merge_lora,
-    unmerge_lora,
-)
+from lit_models.inputs import ControlSignal
 
 
 def require_bundle(paradigm: str, net: nn.Module | None, text_encoder: nn.Module | None, noise_scheduler: Any) -> None:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from lit_models.diffusion import Conditioning, DiffusionModule
+from lit_models.diffusion import DiffusionModule
+from lit_models.forward_process import Conditioning
 from lit_models.inputs import SamplingRequest, TextOnly
 
 
