@@ -12,8 +12,7 @@ What a paradigm changes is a component chosen by config, not a subclass's `train
 - `trainable` (`lit_models/injectors.py`): what trains on a frozen base (LoRA, adapters, ...);
   None trains everything the module holds.
 
-The module exposes its objective's and inputs' public attributes (`student_target`, `augment`,
-...) as its own, so a paradigm reads as one object in tests and notebooks.
+A component's own API is reached through it: `module.objective.teacher`, `module.inputs.augment`.
 """
 
 from __future__ import annotations
@@ -27,16 +26,7 @@ from diffusers import DDPMScheduler
 from torch import Tensor, nn
 
 from lit_models.fine_tuning import FineTuningCheckpoint
-from lit_models.forward_process import (  # noqa: F401 - re-exported: the names paradigms import
-    CLEAN_FRAMES,
-    CLEAN_MASK,
-    Conditioning,
-    ForwardProcess,
-    decomposed_noise,
-    min_snr_weights,
-    split_clean_frames,
-    with_clean_frames,
-)
+from lit_models.forward_process import Conditioning, ForwardProcess, decomposed_noise
 from lit_models.inputs import TextOnly
 from lit_models.objectives import DenoisingLoss, Objective
 from lit_models.samplers import make_sampler
@@ -147,17 +137,6 @@ class DiffusionModule(ForwardProcess, Sampling, ValidationSamples, FineTuningChe
         self.inputs.bind(self)
         self.objective.bind(self)
         self.record_trainable(trainable)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            # A paradigm's own API is its components' (see the module docstring).
-            for part in ("objective", "inputs"):
-                component = self.__dict__.get("_modules", {}).get(part) or self.__dict__.get(part)
-                if component is not None and not name.startswith("_") and hasattr(component, name):
-                    return getattr(component, name)
-            raise
 
     def check_video_shape(self, autoencoder: nn.Module) -> None:
         """Fail at construction, naming the numbers, when the data cannot go through the VAE."""

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from torch import Tensor, nn
 
-from lit_models.diffusion import Conditioning, DiffusionModule
+from lit_models.diffusion import DiffusionModule
+from lit_models.forward_process import Conditioning
 from lit_models.objectives import Losses, Objective
 
 

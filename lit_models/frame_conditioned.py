@@ -18,13 +18,8 @@ from lit_models.inputs import KnownFrames
 
 
 class FrameConditionedTextToVideo(DiffusionModule):
-    """A text-to-video model whose net also sees known frames (`KnownFrames`).
-
-    Args:
-        net: the denoiser, with `in_channels = 2 * channels + 1` (wrapped here).
-        mask_modes: training mask modes (see `random_frame_masks`).
-        **diffusion: `DiffusionModule` arguments.
-    """
+    """A text-to-video model whose net (built with `in_channels = 2 * channels + 1`) also sees
+    known frames: `KnownFrames`' `mask_modes`, then `DiffusionModule`'s arguments."""
 
     def __init__(self, net: nn.Module, mask_modes: Sequence[str] = FRAME_MASK_MODES, **diffusion: Any) -> None:
         super().__init__(net=net, inputs=KnownFrames(mask_modes), **diffusion)

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from data_tools.digits import image_caption_for
 from lit_models.conditioning import OpenClipEmbedder
-from lit_models.diffusion import Conditioning, DiffusionModule
+from lit_models.diffusion import DiffusionModule
+from lit_models.forward_process import Conditioning
 from lit_models.objectives import DenoisingLoss, Losses
 
 STAGES = ("t2i", "video")

@@ -9,44 +9,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lit_models.diffusion import DiffusionModule
-from lit_models.inputs import FirstFrameGiven, first_frame_mask  # noqa: F401 - importable from here
-from lit_models.peft import require_bundle
+from lit_models.inputs import FirstFrameGiven
+from lit_models.peft import ParameterEfficientFineTuning
 
 
-class ImageToVideoFineTuning(DiffusionModule):
-    """Fine-tuning of a frozen base with the first frame of every clip given clean.
+class ImageToVideoFineTuning(ParameterEfficientFineTuning):
+    """Fine-tuning of a frozen base with the first frame of every clip given clean
+    (`FirstFrameGiven`: `prior_strength`, `prior_noise_level`); `ParameterEfficientFineTuning`'s
+    other arguments (`trainable: [I2VAdapter]`), without a control signal."""
 
-    Args:
-        prior_strength, prior_noise_level: `FirstFrameGiven` arguments.
-        trainable, base: what trains on the frozen base and where it came from (`trainable:
-            [I2VAdapter]`).
-        control_signal: must be null (the peft paradigm's option, not combined with this input).
-        **diffusion: `DiffusionModule` arguments.
-    """
-
-    def __init__(self, net: nn.Module, text_encoder: nn.Module, prior_strength: float = 0.0, prior_noise_level: float = 0.7,
-                 trainable: Sequence[Any] = (), base: str | None = None, control_signal: str | None = None,
-                 **diffusion: Any) -> None:  # fmt: skip
-        require_bundle(type(self).__name__, net, text_encoder, diffusion.get("noise_scheduler"))
+    def __init__(self, prior_strength: float = 0.0, prior_noise_level: float = 0.7, control_signal: str | None = None,
+                 **peft: Any) -> None:  # fmt: skip
         if control_signal is not None:
             raise ValueError("ImageToVideoFineTuning: control_signal is not supported with a given first frame")
-        super().__init__(net=net, text_encoder=text_encoder, trainable=list(trainable), base=base,
-                         inputs=FirstFrameGiven(prior_strength, prior_noise_level), **diffusion)  # fmt: skip
-
-    @property
-    def prior_strength(self) -> float:
-        return self.inputs.prior_strength
-
-    @prior_strength.setter
-    def prior_strength(self, value: float) -> None:
-        self.inputs.prior_strength = value
-
-    def frame_similarity_noise(self, first: Tensor, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
-        return self.inputs.frame_similarity_noise(self, first, shape, generator)
+        super().__init__(inputs=FirstFrameGiven(prior_strength, prior_noise_level), **peft)
 
     def generate_from_image(self, prompts: Sequence[str], images: Tensor, seed: int = 0, num_frames: int | None = None,
                             **sampling: Any) -> Tensor:  # fmt: skip

@@ -19,7 +19,8 @@ from diffusers.training_utils import compute_snr
 from einops import rearrange
 from torch import Tensor
 
-from lit_models.diffusion import Conditioning, DiffusionModule, min_snr_weights
+from lit_models.diffusion import DiffusionModule
+from lit_models.forward_process import Conditioning, min_snr_weights
 from lit_models.objectives import DenoisingLoss, Losses
 
 
@@ -128,9 +129,3 @@ class JointImageVideo(DiffusionModule):
 
     def __init__(self, video_loss_weight: float = 1.0, image_loss_weight: float = 1.0, **diffusion: Any) -> None:
         super().__init__(objective=JointImageVideoLoss(video_loss_weight, image_loss_weight), **diffusion)
-
-    def arrange(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, list[list[str]]]:
-        return self.objective.arrange(batch)
-
-    def joint_loss(self, batch: dict[str, Any], drop: bool, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        return self.objective.joint_loss(self, batch, drop, generator)

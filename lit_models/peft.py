@@ -15,41 +15,22 @@ from typing import Any
 from torch import nn
 
 from lit_models.diffusion import DiffusionModule
-from lit_models.fine_tuning import count_parameters, peak_memory_mb  # noqa: F401 - importable from here
 from lit_models.injectors import (  # noqa: F401 - the names configs' _target_ use
     ControlBranch,
     CtrlAdapter,
     I2VAdapter,
+    LoRA,
     MotionModule,
     SimDAAdapters,
     TrainOnly,
     XAdapter,
-    frame_counter,
-    save_motion_adapter,
 )
-from lit_models.inputs import CONTROL_SIGNALS, ControlSignal  # noqa: F401
-from lit_models.lora import (  # noqa: F401
-    LoRA,
-    adapters_disabled,
-    export_lora,
-    import_lora,
-    lora_layers,
-    merge_and_unload_lora,
-    merge_lora,
-    unmerge_lora,
-)
-
-
-def require_bundle(paradigm: str, net: nn.Module | None, text_encoder: nn.Module | None, noise_scheduler: Any) -> None:
-    if net is None or text_encoder is None or noise_scheduler is None:
-        raise ValueError(
-            f"{paradigm} fine-tunes a pretrained bundle: pass pretrained=PATH (a diffusers pipeline folder, a hub id "
-            "or an effvid run: runs/RUN_ID)"
-        )
+from lit_models.inputs import ControlSignal
 
 
 class ParameterEfficientFineTuning(DiffusionModule):
-    """Text-to-video fine-tuning of a frozen base that trains only the injected modules.
+    """Text-to-video fine-tuning of a frozen base that trains only the injected modules; the base
+    of the fine-tuning paradigms (`DiffusionDPO`, `ImageToVideoFineTuning`).
 
     Args:
         net: the pretrained base network (frozen here).
@@ -63,7 +44,12 @@ class ParameterEfficientFineTuning(DiffusionModule):
 
     def __init__(self, net: nn.Module, text_encoder: nn.Module, trainable: Sequence[Any] = (), base: str | None = None,
                  control_signal: str | None = None, **diffusion: Any) -> None:  # fmt: skip
-        require_bundle(type(self).__name__, net, text_encoder, diffusion.get("noise_scheduler"))
-        inputs = ControlSignal(control_signal) if control_signal is not None else None
-        super().__init__(net=net, text_encoder=text_encoder, trainable=list(trainable), base=base, inputs=inputs, **diffusion)
+        if net is None or text_encoder is None or diffusion.get("noise_scheduler") is None:
+            raise ValueError(
+                f"{type(self).__name__} fine-tunes a pretrained bundle: pass pretrained=PATH (a diffusers pipeline "
+                "folder, a hub id or an effvid run: runs/RUN_ID)"
+            )
+        if control_signal is not None:
+            diffusion["inputs"] = ControlSignal(control_signal)
+        super().__init__(net=net, text_encoder=text_encoder, trainable=list(trainable), base=base, **diffusion)
         self.control_signal = control_signal

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_models.diffusion import DiffusionModule
 from lit_models.lora import LoRA, adapters_disabled
 from lit_models.objectives import Losses, Objective
-from lit_models.peft import require_bundle
+from lit_models.peft import ParameterEfficientFineTuning
 
 
 def per_sample_mse(prediction: Tensor, target: Tensor) -> Tensor:
@@ -155,26 +154,13 @@ class PreferenceObjective(Objective):
         return {"loss": loss, **stats}, win.shape[0]
 
 
-class DiffusionDPO(DiffusionModule):
-    """Preference fine-tuning (`PreferenceObjective`) of a frozen base: the trained part is what
-    `trainable` names (full fine-tune when empty).
+class DiffusionDPO(ParameterEfficientFineTuning):
+    """Preference fine-tuning (`PreferenceObjective`: `beta`, `objective`, `error_space`) of a
+    frozen base; `ParameterEfficientFineTuning`'s other arguments, without a control signal
+    (preference pairs carry no control clip)."""
 
-    Args:
-        beta, objective, error_space: `PreferenceObjective` arguments.
-        trainable, base: what trains on the frozen base and where it came from.
-        control_signal: must be null (the peft paradigm's option; pairs carry no control clip).
-        **diffusion: `DiffusionModule` arguments (net, text_encoder, noise_scheduler, ...).
-    """
-
-    def __init__(self, net: nn.Module, text_encoder: nn.Module, beta: float = 5000.0, objective: str = "dpo",
-                 error_space: str = "epsilon", trainable: Sequence[Any] = (), base: str | None = None,
-                 control_signal: str | None = None, **diffusion: Any) -> None:  # fmt: skip
-        require_bundle(type(self).__name__, net, text_encoder, diffusion.get("noise_scheduler"))
+    def __init__(self, beta: float = 5000.0, objective: str = "dpo", error_space: str = "epsilon",
+                 control_signal: str | None = None, **peft: Any) -> None:  # fmt: skip
         if control_signal is not None:
             raise ValueError("DiffusionDPO: control_signal is not supported (preference pairs carry no control clip)")
-        super().__init__(net=net, text_encoder=text_encoder, trainable=list(trainable), base=base,
-                         objective=PreferenceObjective(beta, objective, error_space), **diffusion)  # fmt: skip
-
-    def reference(self) -> contextlib.AbstractContextManager[nn.Module]:
-        """The reference model: the net with LoRA disabled, or the frozen copy."""
-        return self.objective.reference(self.net)
+        super().__init__(objective=PreferenceObjective(beta, objective, error_space), **peft)

@@ -85,7 +85,7 @@ class Sampling:
         if clean_mask is not None:
             x = with_clean_frames(x, clean, clean_mask)
         # Pixel-space models are clamped to the data range; latents are not bounded.
-        return x.clamp(-1, 1) if getattr(self, "autoencoder", None) is None else x
+        return x.clamp(-1, 1) if self.autoencoder is None else x
 
     @torch.no_grad()
     def generate(

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from lit_models.diffusion import Conditioning, DiffusionModule
+from lit_models.diffusion import DiffusionModule
+from lit_models.forward_process import Conditioning
 from lit_models.inputs import SamplingRequest, TextOnly
 
 
@@ -141,14 +142,9 @@ class LowResFrames(TextOnly):
 
 
 class SpatialSuperResolution(DiffusionModule):
-    """A text-to-video model that upsamples a low-res clip by `scale_factor` (`LowResFrames`):
-    `generate(prompts, low_res=clip)`.
-
-    Args:
-        net: the denoiser with `in_channels = 2 * channels` (wrapped here).
-        scale_factor, max_aug_level, sample_aug_level, val_videos: `LowResFrames` arguments.
-        **diffusion: `DiffusionModule` arguments (`video_shape` is the high-res shape).
-    """
+    """A text-to-video model that upsamples a low-res clip by `scale_factor`: `LowResFrames`'
+    arguments, then `DiffusionModule`'s (`video_shape` the high-res shape; the net built with
+    `in_channels = 2 * channels`)."""
 
     def __init__(self, net: nn.Module, scale_factor: int = 2, max_aug_level: int = 250, sample_aug_level: int = 50,
                  val_videos: int = 8, **diffusion: Any) -> None:  # fmt: skip
