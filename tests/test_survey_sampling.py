@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_models.diffusion import decomposed_noise
+from lit_models.forward_process import decomposed_noise
 
 
 # --- VideoFusion: decomposed noise ------------------------------------------------------------
