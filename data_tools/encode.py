@@ -81,7 +81,7 @@ def _decoded_batches(url: str, size: int | None, channels: int, skipped: Any, ti
 
     from datamodules.video_shards import CountTarErrors, DecodeSamples, SelectFiles
 
-    stage = DecodeSamples(None, skipped, caption_key="txt", seed=0, num_frames=None, stride=1, random_start=False,
+    stage = DecodeSamples(skipped, caption_key="txt", seed=0, num_frames=None, stride=1, random_start=False,
                           size=size, channels=channels, timeout=timeout, max_pixels=max_pixels)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([url]),

@@ -31,7 +31,7 @@ class DecodeEncodedSamples(DecodeSamples):
 
     media_member = "latent.npy"
 
-    def decode_media(self, sample: Sample, url: str, key: str) -> dict[str, torch.Tensor]:
+    def decode_media(self, sample: Sample, url: str, key: str, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
         options = self.clip_options
         try:
             latent = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)  # (c, F, h, w)
@@ -41,7 +41,7 @@ class DecodeEncodedSamples(DecodeSamples):
             raise VideoDecodeError(f"cannot read latent.npy of sample {key} in shard {url}: {exc}") from None
         try:
             indices = sample_frame_indices(latent.shape[1], options["num_frames"], options["stride"],
-                                           options["random_start"], self._sample_rng(url, key))
+                                           options["random_start"], rng)
         except ClipTooShortError as exc:
             raise ClipTooShortError(f"sample {key} in shard {url}: {exc}") from exc
         out = {"latent": torch.from_numpy(latent[:, indices].astype(np.float32))}
@@ -110,10 +110,12 @@ class EncodedShardDataModule(VideoShardDataModule):
         check_encoders(self.encoder_info, str(self._info_dir(self.train_shards)),
                        getattr(model, "autoencoder", None), getattr(model, "text_encoder", None))
 
-    def _decode_stage(self, clock: Any, train: bool) -> DecodeEncodedSamples:
+    decode_stage = DecodeEncodedSamples
+
+    def _decode_stage(self, train: bool) -> DecodeEncodedSamples:
         whole = getattr(self, "encoder_info", {}).get("clip") is not None  # video-VAE latents: the clip itself
         return DecodeEncodedSamples(
-            clock, self._skipped, caption_key=self.caption_key, seed=self.seed,
+            self._skipped, caption_key=self.caption_key, seed=self.seed,
             num_frames=None if whole else self.num_frames, stride=1 if whole else self.frame_stride,
             random_start=self.random_start and train and not whole, size=self.size, channels=self.channels,
             timeout=None, require_caption=self.require_caption,

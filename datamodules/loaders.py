@@ -1,5 +1,6 @@
-"""`ShardLoader`: the DataLoader of every shard datamodule. Two things a plain DataLoader gets
-wrong in a training run:
+"""`ShardLoader`: the DataLoader of every shard datamodule, a torchdata `StatefulDataLoader`
+(its `state_dict` holds each worker's `ShardStream` position; Lightning saves it in every
+checkpoint as the fit loop's `combined_loader` and loads it on resume). What it adds:
 
 * **Signals to the process group.** Ctrl-C, `timeout`, `kill -- -PGID` and SLURM's
   `scancel` signal every process of the job, loader workers included; a worker killed by
@@ -8,22 +9,33 @@ wrong in a training run:
   decides (a checkpoint after the current step, see `experiments/run_callbacks.py`) and
   shuts them down as usual. The signals are blocked in the main process while workers are
   forked, so none arrives in the window before a worker has installed `SIG_IGN`.
-* **An epoch with no batch.** An iterable dataset whose pass yields nothing (an empty shard,
-  every sample bad) makes Lightning start the next epoch at once, forever. A training loader
-  made with `empty_epoch_message` raises `EmptyEpochError` with that message instead (except
-  on the first pass after a resume, which may legitimately start at the end of its epoch).
+* **Shutdown at exit.** Because workers ignore SIGTERM, multiprocessing's exit handler (which
+  terminates, then joins, daemonic children) would wait forever for workers nobody shut down,
+  e.g. those of loaders iterated inside another loader. Every loader's workers are shut down
+  at interpreter exit, before that handler runs.
+* **An epoch with no batch.** An iterable dataset whose pass yields nothing (every sample
+  bad) makes Lightning start the next epoch at once, forever. A loader made with
+  `empty_epoch_message` raises `EmptyEpochError` with that message instead.
+* **Every rank's position.** Lightning writes rank 0's checkpoint only, so `state_dict`
+  gathers the state of every rank and `load_state_dict` takes this rank's; a state saved
+  with another world size or worker count is dropped with a warning (the epoch restarts).
 """
 
 from __future__ import annotations
 
+import atexit
 import signal
 import threading
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from torch.utils.data import DataLoader
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+_LIVE_LOADERS: weakref.WeakSet[ShardLoader] = weakref.WeakSet()
 
 
 class EmptyEpochError(ValueError):
@@ -44,16 +56,22 @@ class _IgnoreStopSignals:
             self.init_fn(worker_id)
 
 
-class ShardLoader(DataLoader):
-    """A DataLoader whose workers ignore stop signals and which refuses an empty training pass
-    (`empty_epoch_message`; `resumed`: the first pass may be empty)."""
+def _rank_and_world_size() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
-    def __init__(self, dataset: Any, *args: Any, empty_epoch_message: str | None = None, resumed: bool = False,
-                 **kwargs: Any) -> None:
-        super().__init__(dataset, *args, **kwargs)
+
+class ShardLoader(StatefulDataLoader):
+    """A StatefulDataLoader whose workers ignore stop signals and are shut down at exit, which
+    refuses an empty pass (`empty_epoch_message`) and keeps every rank's position."""
+
+    def __init__(self, dataset: Any, *args: Any, empty_epoch_message: str | None = None, **kwargs: Any) -> None:
+        with warnings.catch_warnings():  # torchdata 0.11 calls an API torch deprecated, on every loader
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            super().__init__(dataset, *args, **kwargs)
         self.empty_epoch_message = empty_epoch_message
-        self.resumed = resumed
-        self._passes = 0
+        _LIVE_LOADERS.add(self)
 
     def _get_iterator(self) -> Any:
         if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
@@ -69,10 +87,7 @@ class ShardLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         iterator = super().__iter__()
-        self._passes += 1
-        if self.empty_epoch_message is None or (self.resumed and self._passes == 1):
-            return iterator
-        return self._refusing_empty(iterator)
+        return iterator if self.empty_epoch_message is None else self._refusing_empty(iterator)
 
     def _refusing_empty(self, iterator: Iterator[Any]) -> Iterator[Any]:
         empty = True
@@ -81,3 +96,41 @@ class ShardLoader(DataLoader):
             yield batch
         if empty:
             raise EmptyEpochError(self.empty_epoch_message)
+
+    def shutdown(self) -> None:
+        """Stop this loader's workers now (the next pass starts new ones)."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+    def state_dict(self) -> dict[str, Any]:
+        rank, world_size = _rank_and_world_size()
+        ranks: list[Any] = [super().state_dict()]
+        if world_size > 1:  # every rank saves at the same step, so all of them are here to gather
+            ranks = [None] * world_size
+            torch.distributed.all_gather_object(ranks, super().state_dict())
+        return {"world_size": world_size, "num_workers": self.num_workers, "ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rank, world_size = _rank_and_world_size()
+        saved = (state_dict.get("world_size"), state_dict.get("num_workers"))
+        if saved != (world_size, self.num_workers):
+            warnings.warn(f"the checkpoint's data position is for world_size={saved[0]}, num_workers={saved[1]}; "
+                          f"this run has {world_size}, {self.num_workers}: the epoch restarts from its beginning",
+                          stacklevel=2)
+            return
+        mine = dict(state_dict["ranks"][rank])
+        # A pass saved after its end: `ShardStream` itself moves on to the next epoch when
+        # resumed at the end of one, so the loader must neither start another pass on top nor
+        # treat the resumed pass as already ended.
+        mine["_iterator_finished"] = False
+        if mine.get("fetcher_state"):  # num_workers=0 (workers always fetch once after a load)
+            mine["fetcher_state"] = dict(mine["fetcher_state"], fetcher_ended=False)
+        super().load_state_dict(mine)
+
+
+@atexit.register
+def _shut_down_live_loaders() -> None:
+    # Registered after multiprocessing's exit handler, so it runs before it.
+    for loader in list(_LIVE_LOADERS):
+        loader.shutdown()
