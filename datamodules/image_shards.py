@@ -5,7 +5,8 @@ Each shard sample holds `KEY.jpg` (or `.jpeg` / `.png`), `KEY.txt` (caption) and
 also keeps entries that failed to download: a `.json` (with `"status": "failed_to_download"`)
 and no image. Those, and images that do not decode, are skipped with a warning naming shard
 and key and counted in `num_skipped_samples`. Images are decoded with PIL from the raw bytes;
-nothing is unpickled.
+nothing is unpickled. Training batches come from the same `ShardStream` as video (balanced
+shards, equal batches per reader, exact resume).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
-import random
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -25,10 +25,11 @@ import webdataset as wds
 from einops import rearrange
 from PIL import Image, UnidentifiedImageError
 
-from datamodules.loaders import ShardLoader
+from datamodules.loaders import ShardLoader, rank_and_world_size
 from datamodules.shard_lists import ShardSpec, check_enough_shards, resolve_shards
+from datamodules.shard_readers import ShardStream, batches_per_reader, count_shard_samples
 from datamodules.video_decoding import _resize_center_crop
-from datamodules.video_shards import SelectFiles, SkippedSampleWarning, _warn_and_continue
+from datamodules.video_shards import CountTarErrors, SelectFiles, SkippedSampleWarning
 
 Sample = dict[str, Any]
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -70,7 +71,7 @@ class _DecodeImages:
         with self.skipped.get_lock():
             self.skipped.value += 1
 
-    def __call__(self, samples: Iterator[Sample]) -> Iterator[Sample]:
+    def __call__(self, samples: Iterator[Sample], epoch: int = 0) -> Iterator[Sample]:
         for sample in samples:
             where = f"sample {sample.get('__key__', '?')} in shard {sample.get('__url__', '?')}"
             ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -92,31 +93,12 @@ class _DecodeImages:
             yield {"image": image, "caption": caption.strip(), "key": sample["__key__"], "meta": meta}
 
 
-class _SeededShuffle:
-    """Shuffle shards (or samples in a buffer) with a seed and the pass number, so every pass
-    differs and a rerun repeats. Shard order ignores rank and worker (all readers agree
-    before splitting); the sample buffer adds them."""
-
-    def __init__(self, seed: int, what: str, bufsize: int | None = None) -> None:
-        self.seed, self.what, self.bufsize, self.passes = seed, what, bufsize, 0
-
-    def __call__(self, items: Iterator[Sample]) -> Iterator[Sample]:
-        self.passes += 1
-        if self.bufsize is None:
-            order = list(items)
-            random.Random(f"{self.what}:{self.seed}:{self.passes}").shuffle(order)
-            return iter(order)
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"{self.what}:{self.seed}:{self.passes}:{rank}:{worker}")
-        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(items)
-
-
 class ImageShardDataModule(lightning.LightningDataModule):
     """Batches `{"image": (B, C, H, W) float32 in [-1, 1], "caption": [str], "key": [str],
     "meta": [dict]}` from WebDataset shards of jpg/png + txt + json samples.
 
-    Train: shards and a sample buffer shuffled per pass from `seed`, last partial batch
-    dropped. Validation: shard order, every sample once.
+    Train: shards and a sample buffer shuffled per epoch from `seed`, the same number of full
+    batches from every reader. Validation: shard order, every sample once.
     """
 
     def __init__(
@@ -141,6 +123,7 @@ class ImageShardDataModule(lightning.LightningDataModule):
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.caption_key = caption_key.lstrip(".").lower()
         self.train_urls: list[str] | None = None
+        self.shard_sizes: dict[str, int] | None = None
         self.val_urls: list[str] | None = None
         self._skipped = multiprocessing.Value("q", 0)
 
@@ -150,39 +133,45 @@ class ImageShardDataModule(lightning.LightningDataModule):
         return int(self._skipped.value)
 
     def setup(self, stage: str | None = None) -> None:
-        trainer = getattr(self, "trainer", None)
-        world_size = int(trainer.world_size) if trainer is not None else 1
+        world_size = rank_and_world_size()[1]
         if stage in (None, "fit"):
             self.train_urls = resolve_shards(self.train_shards)
             check_enough_shards(len(self.train_urls), self.num_workers, world_size, str(self.train_shards))
+            self.shard_sizes = {url: count_shard_samples(url, IMAGE_EXTENSIONS) for url in self.train_urls}
+            if not batches_per_reader(self.train_urls, self.shard_sizes, max(self.num_workers, 1) * world_size,
+                                      self.batch_size):
+                raise ValueError(f"the image shards {self.train_shards} hold too few images for one batch of "
+                                 f"{self.batch_size} per reader; lower data.batch_size or data.num_workers")
         if self.val_shards is not None and stage in (None, "fit", "validate"):
             self.val_urls = resolve_shards(self.val_shards)
 
-    def _pipeline(self, urls: list[str], train: bool) -> wds.DataPipeline:
+    def _read_samples(self) -> Any:
         files = SelectFiles({*IMAGE_EXTENSIONS, "json", self.caption_key})
-        return wds.DataPipeline(
-            wds.SimpleShardList(urls),
-            _SeededShuffle(self.seed, "shards") if train else None,
-            wds.split_by_node,
-            wds.split_by_worker,
-            wds.tarfile_to_samples(handler=_warn_and_continue, select_files=files),
-            _SeededShuffle(self.seed, "samples", self.shuffle_buffer) if train and self.shuffle_buffer > 1 else None,
-            _DecodeImages(self._skipped, self.caption_key, self.size, self.channels),
-            wds.batched(self.batch_size if train else self.val_batch_size, collation_fn=collate_images, partial=not train),
-        )
+        return wds.tarfile_to_samples(handler=CountTarErrors(self._skipped), select_files=files)
 
-    def train_pipeline(self) -> wds.DataPipeline:
-        if self.train_urls is None:
-            self.setup("fit")
-        return self._pipeline(self.train_urls, train=True)
+    def _decode_stage(self) -> _DecodeImages:
+        return _DecodeImages(self._skipped, self.caption_key, self.size, self.channels)
 
     def train_dataloader(self) -> ShardLoader:
-        return ShardLoader(self.train_pipeline(), batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        if self.train_urls is None:
+            self.setup("fit")
+        rank, world_size = rank_and_world_size()
+        trainer = getattr(self, "trainer", None)
+        stream = ShardStream(
+            self.train_urls, self.shard_sizes, read=self._read_samples(), decode=self._decode_stage(),
+            collate=collate_images, batch_size=self.batch_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+            first_epoch=int(trainer.current_epoch) if trainer else 0, rank=rank, world_size=world_size,
+            num_workers=self.num_workers,
+        )
+        return ShardLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> ShardLoader | list:
         if self.val_shards is None:
             return []
         if self.val_urls is None:
             self.setup("validate")
-        return ShardLoader(self._pipeline(self.val_urls, train=False), batch_size=None, num_workers=0)
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.val_urls), self._read_samples(), self._decode_stage(),
+            wds.batched(self.val_batch_size, collation_fn=collate_images, partial=True),
+        )
+        return ShardLoader(pipeline, batch_size=None, num_workers=0)

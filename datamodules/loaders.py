@@ -56,7 +56,8 @@ class _IgnoreStopSignals:
             self.init_fn(worker_id)
 
 
-def _rank_and_world_size() -> tuple[int, int]:
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 outside a distributed run)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -104,7 +105,7 @@ class ShardLoader(StatefulDataLoader):
             iterator._shutdown_workers()
 
     def state_dict(self) -> dict[str, Any]:
-        rank, world_size = _rank_and_world_size()
+        rank, world_size = rank_and_world_size()
         ranks: list[Any] = [super().state_dict()]
         if world_size > 1:  # every rank saves at the same step, so all of them are here to gather
             ranks = [None] * world_size
@@ -112,7 +113,7 @@ class ShardLoader(StatefulDataLoader):
         return {"world_size": world_size, "num_workers": self.num_workers, "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        rank, world_size = _rank_and_world_size()
+        rank, world_size = rank_and_world_size()
         saved = (state_dict.get("world_size"), state_dict.get("num_workers"))
         if saved != (world_size, self.num_workers):
             warnings.warn(f"the checkpoint's data position is for world_size={saved[0]}, num_workers={saved[1]}; "

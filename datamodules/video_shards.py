@@ -34,7 +34,7 @@ import torch
 import webdataset as wds
 
 from data_tools.mp4_header import DEFAULT_MAX_DECODE_PIXELS
-from datamodules.loaders import ShardLoader
+from datamodules.loaders import ShardLoader, rank_and_world_size
 from datamodules.shard_lists import ShardSpec, check_enough_shards, resolve_shards
 from datamodules.shard_readers import ShardStream, batches_per_reader, count_shard_samples
 from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, decode_clip
@@ -66,16 +66,10 @@ class SelectFiles:
         return name.rsplit("/", 1)[-1].split(".", 1)[-1].lower() in self.extensions
 
 
-def _warn_and_continue(exn: Exception) -> bool:
-    """tar-level errors (truncated shard, unreadable file): warn with the shard url and go on,
-    so one bad shard does not end a long run."""
-    warnings.warn(f"skipping unreadable shard data: {exn!r}", SkippedSampleWarning, stacklevel=2)
-    return True
-
-
 class CountTarErrors:
-    """tar-level error handler like `_warn_and_continue` that also counts the error in the
-    datamodule's skipped counter (a truncated shard loses its remaining samples).
+    """tar-level error handler (truncated shard, unreadable file): warn with the shard url, count
+    the error in the datamodule's skipped counter (a truncated shard loses its remaining
+    samples) and go on, so one bad shard does not end a long run.
 
     webdataset reports one truncation twice: from the member read (message "... @ <file
     name='SHARD'>") and again from the shard loop (with SHARD as the last argument); the second
@@ -256,10 +250,6 @@ class VideoShardDataModule(lightning.LightningDataModule):
             self._train_loader.shutdown()
             self._train_loader.dataset.set_epoch(epoch)
 
-    def _rank_and_world_size(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
-
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position when used without a Trainer. A Trainer saves the
         train loader's own `state_dict` in every checkpoint (the fit loop's `combined_loader`)
@@ -287,7 +277,7 @@ class VideoShardDataModule(lightning.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Resolve the shard lists and check there are enough shards and samples for every
         reader, so a bad config fails at start, naming the directory."""
-        world_size = self._rank_and_world_size()[1]
+        world_size = rank_and_world_size()[1]
         if stage in (None, "fit"):
             self._setup_train(world_size)
         if self.val_shards is not None and stage in (None, "fit", "validate"):
@@ -324,7 +314,7 @@ class VideoShardDataModule(lightning.LightningDataModule):
         return ", ".join(urls[:limit]) + more
 
     def _empty_epoch_message(self) -> str:
-        readers = max(self.num_workers, 1) * self._rank_and_world_size()[1]
+        readers = max(self.num_workers, 1) * rank_and_world_size()[1]
         return (
             f"a pass over the training shards yielded no batch: {self._list_shards(self.train_urls or [])} "
             f"gave fewer than batch_size={self.batch_size} usable samples per reader ({readers} reader"
@@ -349,7 +339,7 @@ class VideoShardDataModule(lightning.LightningDataModule):
         """The training stream of this rank (an IterableDataset yielding whole batches)."""
         if self.train_urls is None:
             self.setup("fit")
-        rank, world_size = self._rank_and_world_size()
+        rank, world_size = rank_and_world_size()
         trainer = getattr(self, "trainer", None)
         return ShardStream(
             self.train_urls, self.shard_sizes, read=self._read_samples(), decode=self._decode_stage(train=True),
