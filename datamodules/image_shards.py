@@ -13,23 +13,18 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import lightning
 import numpy as np
 import torch
-import webdataset as wds
 from einops import rearrange
 from PIL import Image, UnidentifiedImageError
 
-from datamodules.loaders import ShardLoader, rank_and_world_size
-from datamodules.shard_lists import ShardSpec, check_enough_shards, resolve_shards
-from datamodules.shard_readers import ShardStream, batches_per_reader, count_shard_samples
+from datamodules.shard_datamodule import ShardDataModule, SkippedSampleWarning
+from datamodules.shard_lists import ShardSpec
 from datamodules.video_decoding import _resize_center_crop
-from datamodules.video_shards import CountTarErrors, SelectFiles, SkippedSampleWarning
 
 Sample = dict[str, Any]
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -93,13 +88,14 @@ class _DecodeImages:
             yield {"image": image, "caption": caption.strip(), "key": sample["__key__"], "meta": meta}
 
 
-class ImageShardDataModule(lightning.LightningDataModule):
+class ImageShardDataModule(ShardDataModule):
     """Batches `{"image": (B, C, H, W) float32 in [-1, 1], "caption": [str], "key": [str],
-    "meta": [dict]}` from WebDataset shards of jpg/png + txt + json samples.
-
-    Train: shards and a sample buffer shuffled per epoch from `seed`, the same number of full
-    batches from every reader. Validation: shard order, every sample once.
+    "meta": [dict]}` from WebDataset shards of jpg/png + txt + json samples (see
+    `ShardDataModule` for the epochs and the train/validation streams).
     """
+
+    media = IMAGE_EXTENSIONS
+    collate = staticmethod(collate_images)
 
     def __init__(
         self,
@@ -114,64 +110,11 @@ class ImageShardDataModule(lightning.LightningDataModule):
         seed: int = 0,
         caption_key: str = "txt",
     ) -> None:
-        super().__init__()
+        super().__init__(train_shards, val_shards, batch_size=batch_size, val_batch_size=val_batch_size,
+                         num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed, caption_key=caption_key)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.train_shards, self.val_shards = train_shards, val_shards
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.size, self.channels = num_workers, size, channels
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.caption_key = caption_key.lstrip(".").lower()
-        self.train_urls: list[str] | None = None
-        self.shard_sizes: dict[str, int] | None = None
-        self.val_urls: list[str] | None = None
-        self._skipped = multiprocessing.Value("q", 0)
+        self.size, self.channels = size, channels
 
-    @property
-    def num_skipped_samples(self) -> int:
-        """Entries skipped so far (no image, undecodable, bad caption or metadata), all workers."""
-        return int(self._skipped.value)
-
-    def setup(self, stage: str | None = None) -> None:
-        world_size = rank_and_world_size()[1]
-        if stage in (None, "fit"):
-            self.train_urls = resolve_shards(self.train_shards)
-            check_enough_shards(len(self.train_urls), self.num_workers, world_size, str(self.train_shards))
-            self.shard_sizes = {url: count_shard_samples(url, IMAGE_EXTENSIONS) for url in self.train_urls}
-            if not batches_per_reader(self.train_urls, self.shard_sizes, max(self.num_workers, 1) * world_size,
-                                      self.batch_size):
-                raise ValueError(f"the image shards {self.train_shards} hold too few images for one batch of "
-                                 f"{self.batch_size} per reader; lower data.batch_size or data.num_workers")
-        if self.val_shards is not None and stage in (None, "fit", "validate"):
-            self.val_urls = resolve_shards(self.val_shards)
-
-    def _read_samples(self) -> Any:
-        files = SelectFiles({*IMAGE_EXTENSIONS, "json", self.caption_key})
-        return wds.tarfile_to_samples(handler=CountTarErrors(self._skipped), select_files=files)
-
-    def _decode_stage(self) -> _DecodeImages:
+    def _decode_stage(self, train: bool) -> _DecodeImages:
         return _DecodeImages(self._skipped, self.caption_key, self.size, self.channels)
-
-    def train_dataloader(self) -> ShardLoader:
-        if self.train_urls is None:
-            self.setup("fit")
-        rank, world_size = rank_and_world_size()
-        trainer = getattr(self, "trainer", None)
-        stream = ShardStream(
-            self.train_urls, self.shard_sizes, read=self._read_samples(), decode=self._decode_stage(),
-            collate=collate_images, batch_size=self.batch_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
-            first_epoch=int(trainer.current_epoch) if trainer else 0, rank=rank, world_size=world_size,
-            num_workers=self.num_workers,
-        )
-        return ShardLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def val_dataloader(self) -> ShardLoader | list:
-        if self.val_shards is None:
-            return []
-        if self.val_urls is None:
-            self.setup("validate")
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.val_urls), self._read_samples(), self._decode_stage(),
-            wds.batched(self.val_batch_size, collation_fn=collate_images, partial=True),
-        )
-        return ShardLoader(pipeline, batch_size=None, num_workers=0)

@@ -72,6 +72,7 @@ class ShardLoader(StatefulDataLoader):
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
             super().__init__(dataset, *args, **kwargs)
         self.empty_epoch_message = empty_epoch_message
+        self.batches_this_pass = self._resumed_batches = 0
         _LIVE_LOADERS.add(self)
 
     def _get_iterator(self) -> Any:
@@ -88,14 +89,14 @@ class ShardLoader(StatefulDataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         iterator = super().__iter__()
-        return iterator if self.empty_epoch_message is None else self._refusing_empty(iterator)
+        self.batches_this_pass, self._resumed_batches = self._resumed_batches, 0
+        return self._counting(iterator)
 
-    def _refusing_empty(self, iterator: Iterator[Any]) -> Iterator[Any]:
-        empty = True
+    def _counting(self, iterator: Iterator[Any]) -> Iterator[Any]:
         for batch in iterator:
-            empty = False
+            self.batches_this_pass += 1
             yield batch
-        if empty:
+        if self.batches_this_pass == 0 and self.empty_epoch_message is not None:
             raise EmptyEpochError(self.empty_epoch_message)
 
     def shutdown(self) -> None:
@@ -106,10 +107,11 @@ class ShardLoader(StatefulDataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         rank, world_size = rank_and_world_size()
-        ranks: list[Any] = [super().state_dict()]
+        mine = {"loader": super().state_dict(), "batches": self.batches_this_pass}
+        ranks: list[Any] = [mine]
         if world_size > 1:  # every rank saves at the same step, so all of them are here to gather
             ranks = [None] * world_size
-            torch.distributed.all_gather_object(ranks, super().state_dict())
+            torch.distributed.all_gather_object(ranks, mine)
         return {"world_size": world_size, "num_workers": self.num_workers, "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -120,14 +122,12 @@ class ShardLoader(StatefulDataLoader):
                           f"this run has {world_size}, {self.num_workers}: the epoch restarts from its beginning",
                           stacklevel=2)
             return
-        mine = dict(state_dict["ranks"][rank])
-        # A pass saved after its end: `ShardStream` itself moves on to the next epoch when
-        # resumed at the end of one, so the loader must neither start another pass on top nor
-        # treat the resumed pass as already ended.
-        mine["_iterator_finished"] = False
-        if mine.get("fetcher_state"):  # num_workers=0 (workers always fetch once after a load)
-            mine["fetcher_state"] = dict(mine["fetcher_state"], fetcher_ended=False)
-        super().load_state_dict(mine)
+        mine = state_dict["ranks"][rank]
+        # A pass saved at its last batch is over, whether or not the loader had been asked past
+        # it (Lightning, knowing the length, never asks): then the next pass is the next epoch.
+        finished = bool(mine["loader"].get("_iterator_finished")) or mine["batches"] >= len(self)
+        self._resumed_batches = 0 if finished else mine["batches"]
+        super().load_state_dict(dict(mine["loader"], _iterator_finished=finished))
 
 
 @atexit.register

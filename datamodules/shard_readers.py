@@ -98,8 +98,8 @@ def batches_per_reader(urls: list[str], sizes: dict[str, int], num_readers: int,
 class ShardStream(IterableDataset):
     """Training batches of one rank: each DataLoader worker's copy is one reader (see the
     module docstring). Each pass (`iter`) is the next epoch, starting at `first_epoch`, except
-    the first pass after `load_state_dict`, which continues the loaded position (or starts the
-    next epoch when that position is at the end of its epoch).
+    the first pass after `load_state_dict`, which yields the rest of the loaded epoch (nothing,
+    for a reader that had finished it while others had not).
 
     Stages: `read` turns `{"url"}` dicts into raw tar samples (webdataset), `decode(samples,
     epoch)` turns raw samples into decoded ones (dropping bad ones), `collate` makes a batch.
@@ -142,7 +142,7 @@ class ShardStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 0)
         if num_workers != self.num_workers:
             raise RuntimeError(f"ShardStream made for {self.num_workers} workers runs in a loader with {num_workers}")
-        if not (self._continue and self.batches < self.budget):
+        if not self._continue:
             self.epoch, self.samples, self.batches = self.epoch + 1, 0, 0
         self._continue = False
         return self._batches(worker)
