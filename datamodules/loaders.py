@@ -9,10 +9,12 @@ checkpoint as the fit loop's `combined_loader` and loads it on resume). What it 
   decides (a checkpoint after the current step, see `experiments/run_callbacks.py`) and
   shuts them down as usual. The signals are blocked in the main process while workers are
   forked, so none arrives in the window before a worker has installed `SIG_IGN`.
-* **Shutdown at exit.** Because workers ignore SIGTERM, multiprocessing's exit handler (which
-  terminates, then joins, daemonic children) would wait forever for workers nobody shut down,
-  e.g. those of loaders iterated inside another loader. Every loader's workers are shut down
-  at interpreter exit, before that handler runs.
+* **Shutdown that finishes.** Because workers ignore SIGTERM, torch's shutdown (ask, wait
+  5 s, then SIGTERM) leaves a worker that was slow to answer (a busy machine) running, and
+  multiprocessing's exit handler (SIGTERM, then join) would wait for it forever, as it would
+  for workers nobody shut down (loaders iterated inside another loader). `shutdown()` waits
+  longer, then SIGKILLs; at interpreter exit, before that handler runs, every loader is shut
+  down and any of their workers still alive is stopped the same way.
 * **An epoch with no batch.** An iterable dataset whose pass yields nothing (every sample
   bad) makes Lightning start the next epoch at once, forever. A loader made with
   `empty_epoch_message` raises `EmptyEpochError` with that message instead.
@@ -36,6 +38,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 _LIVE_LOADERS: weakref.WeakSet[ShardLoader] = weakref.WeakSet()
+_WORKERS: weakref.WeakSet[Any] = weakref.WeakSet()  # multiprocessing keeps a child referenced until joined
 
 
 class EmptyEpochError(ValueError):
@@ -82,7 +85,9 @@ class ShardLoader(StatefulDataLoader):
         self.worker_init_fn = _IgnoreStopSignals(init_fn)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            return super()._get_iterator()  # forks the workers
+            iterator = super()._get_iterator()  # forks the workers
+            _WORKERS.update(iterator._workers)
+            return iterator
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self.worker_init_fn = init_fn
@@ -104,6 +109,7 @@ class ShardLoader(StatefulDataLoader):
         iterator, self._iterator = self._iterator, None
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
+            _stop(iterator._workers)
 
     def state_dict(self) -> dict[str, Any]:
         rank, world_size = rank_and_world_size()
@@ -130,8 +136,18 @@ class ShardLoader(StatefulDataLoader):
         super().load_state_dict(dict(mine["loader"], _iterator_finished=finished))
 
 
+def _stop(workers: list[Any], timeout: float = 60) -> None:
+    """Wait for workers that were asked to stop; SIGKILL the ones still running after `timeout`."""
+    for worker in workers:
+        worker.join(timeout)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
 @atexit.register
-def _shut_down_live_loaders() -> None:
-    # Registered after multiprocessing's exit handler, so it runs before it.
+def _shut_down_at_exit() -> None:
+    # Registered after multiprocessing's and torch's exit handlers, so it runs before them.
     for loader in list(_LIVE_LOADERS):
         loader.shutdown()
+    _stop(list(_WORKERS), timeout=5)  # workers of loaders someone else (Lightning) shut down
