@@ -18,6 +18,11 @@ checkpoint as the fit loop's `combined_loader` and loads it on resume). What it 
 * **An epoch with no batch.** An iterable dataset whose pass yields nothing (every sample
   bad) makes Lightning start the next epoch at once, forever. A loader made with
   `empty_epoch_message` raises `EmptyEpochError` with that message instead.
+* **The trainer's position.** Lightning fetches a batch ahead of the training step, so the
+  position after the last batch handed out is one batch past the last one trained on. A
+  loader made with `track_consumption=True` keeps the state after each batch it handed out
+  until `mark_consumed()` says the consumer took it (the datamodule's
+  `on_before_batch_transfer`), and `state_dict` is the state after the last batch taken.
 * **Every rank's position.** Lightning writes rank 0's checkpoint only, so `state_dict`
   gathers the state of every rank and `load_state_dict` takes this rank's; a state saved
   with another world size or worker count is dropped with a warning (the epoch restarts).
@@ -26,6 +31,7 @@ checkpoint as the fit loop's `combined_loader` and loads it on resume). What it 
 from __future__ import annotations
 
 import atexit
+import collections
 import signal
 import threading
 import warnings
@@ -70,12 +76,17 @@ class ShardLoader(StatefulDataLoader):
     """A StatefulDataLoader whose workers ignore stop signals and are shut down at exit, which
     refuses an empty pass (`empty_epoch_message`) and keeps every rank's position."""
 
-    def __init__(self, dataset: Any, *args: Any, empty_epoch_message: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, dataset: Any, *args: Any, empty_epoch_message: str | None = None,
+                 track_consumption: bool = False, **kwargs: Any) -> None:
         with warnings.catch_warnings():  # torchdata 0.11 calls an API torch deprecated, on every loader
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
             super().__init__(dataset, *args, **kwargs)
         self.empty_epoch_message = empty_epoch_message
+        self.track_consumption = track_consumption
         self.batches_this_pass = self._resumed_batches = 0
+        # (batches this pass, loader state) after the last batch taken / after each one handed out since
+        self._consumed: tuple[int, dict[str, Any]] | None = None
+        self._handed_out: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
         _LIVE_LOADERS.add(self)
 
     def _get_iterator(self) -> Any:
@@ -95,14 +106,23 @@ class ShardLoader(StatefulDataLoader):
     def __iter__(self) -> Iterator[Any]:
         iterator = super().__iter__()
         self.batches_this_pass, self._resumed_batches = self._resumed_batches, 0
+        self._handed_out.clear()
+        self._consumed = (self.batches_this_pass, super().state_dict()) if self.track_consumption else None
         return self._counting(iterator)
 
     def _counting(self, iterator: Iterator[Any]) -> Iterator[Any]:
         for batch in iterator:
             self.batches_this_pass += 1
+            if self.track_consumption:
+                self._handed_out.append((self.batches_this_pass, super().state_dict()))
             yield batch
         if self.batches_this_pass == 0 and self.empty_epoch_message is not None:
             raise EmptyEpochError(self.empty_epoch_message)
+
+    def mark_consumed(self) -> None:
+        """The consumer took the oldest batch handed out and not yet taken."""
+        if self._handed_out:
+            self._consumed = self._handed_out.popleft()
 
     def shutdown(self) -> None:
         """Stop this loader's workers now (the next pass starts new ones)."""
@@ -113,7 +133,8 @@ class ShardLoader(StatefulDataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         rank, world_size = rank_and_world_size()
-        mine = {"loader": super().state_dict(), "batches": self.batches_this_pass}
+        batches, state = self._consumed or (self.batches_this_pass, super().state_dict())
+        mine = {"loader": state, "batches": batches}
         ranks: list[Any] = [mine]
         if world_size > 1:  # every rank saves at the same step, so all of them are here to gather
             ranks = [None] * world_size
@@ -130,8 +151,9 @@ class ShardLoader(StatefulDataLoader):
             return
         mine = state_dict["ranks"][rank]
         # A pass saved at its last batch is over, whether or not the loader had been asked past
-        # it (Lightning, knowing the length, never asks): then the next pass is the next epoch.
-        finished = bool(mine["loader"].get("_iterator_finished")) or mine["batches"] >= len(self)
+        # it (the consumed state after the last batch was taken before that): the next pass is
+        # the next epoch.
+        finished = bool(mine["loader"].get("_iterator_finished")) or mine["batches"] >= self.dataset.batches_per_pass
         self._resumed_batches = 0 if finished else mine["batches"]
         super().load_state_dict(dict(mine["loader"], _iterator_finished=finished))
 

@@ -131,13 +131,24 @@ class ShardDataModule(lightning.LightningDataModule):
             self._train_loader.shutdown()
             self._train_loader.dataset.set_epoch(epoch)
 
+    def _is_trainers(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.datamodule is self
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The trainer took a training batch: the loader's position moves past it (Lightning
+        fetched the next one already)."""
+        if self._is_trainers() and self.trainer.training and self._train_loader is not None:
+            self._train_loader.mark_consumed()
+        return batch
+
     def state_dict(self) -> dict[str, Any]:
-        """The training stream's position when used without a Trainer. A Trainer saves the
-        train loader's own `state_dict` in every checkpoint (the fit loop's `combined_loader`)
-        and loads it on resume, so under one this is empty: the position is saved once."""
-        if getattr(self, "trainer", None) is not None or self._train_loader is None:
-            return {}
-        return {"loader": self._train_loader.state_dict()}
+        """The training stream's position (saved by Lightning in every checkpoint). Lightning
+        saves the train loader's own state too, but restores it only when the loader is made
+        after the checkpoint is read, which `trainer.estimated_stepping_batches` in
+        `configure_optimizers` prevents (Lightning-AI/pytorch-lightning#20550); the datamodule
+        is restored before any loader is made."""
+        return {} if self._train_loader is None else {"loader": self._train_loader.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the training stream at a `state_dict()` position (applied to the next
@@ -224,7 +235,7 @@ class ShardDataModule(lightning.LightningDataModule):
                  f"{'s' if readers > 1 else ''}); the skipped-sample warnings above name the bad ones")
         loader = ShardLoader(stream, batch_size=None, num_workers=self.num_workers,
                              persistent_workers=self.num_workers > 0, timeout=self._loader_timeout(self.num_workers),
-                             empty_epoch_message=empty)
+                             empty_epoch_message=empty, track_consumption=self._is_trainers())
         if self._loader_state is not None:
             loader.load_state_dict(self._loader_state)
             self._loader_state = None  # applies to this loader only

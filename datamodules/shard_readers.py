@@ -13,10 +13,7 @@ from (seed, epoch), so every process computes the same plan without talking to t
   every DDP rank steps the same number of times and no rank waits forever in an all-reduce.
   The readers with more data stop early; their extra samples come up in other epochs, whose
   deals differ. No sample is read twice in an epoch unless bad samples were skipped: a reader
-  that falls short then repeats its most recent good samples to fill its last batches. The
-  count is known in advance, so the loader has a length, and Lightning, which fetches one
-  batch ahead of an iterable without one, fetches none ahead: the loader's state at a
-  checkpoint is the position after the last batch the trainer took.
+  that falls short then repeats its most recent good samples to fill its last batches.
 * **Exact resume.** The position is (epoch, samples drawn from the shuffle buffer, bad ones
   included, batches yielded). A resumed reader re-reads its shards from the start of the epoch
   and drops that many samples *after the seeded shuffle and before decoding*: the shuffle
@@ -122,8 +119,11 @@ class ShardStream(IterableDataset):
         self.epoch, self.samples, self.batches = first_epoch - 1, 0, 0
         self._continue = False
 
-    def __len__(self) -> int:
-        """Batches per epoch of this rank (all its workers)."""
+    @property
+    def batches_per_pass(self) -> int:
+        """Batches per epoch of this rank (all its workers). Not `__len__`: for Lightning the
+        stream stays an unsized iterable, which it reads one batch ahead of the trainer (the
+        loader's state follows the batches the trainer took, see `ShardLoader`)."""
         return self.budget * max(self.num_workers, 1)
 
     def set_epoch(self, epoch: int) -> None:

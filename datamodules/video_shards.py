@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from data_tools.mp4_header import DEFAULT_MAX_DECODE_PIXELS
-from datamodules.shard_datamodule import CountTarErrors, SelectFiles, ShardDataModule, SkippedSampleWarning
+from datamodules.shard_datamodule import ShardDataModule, SkippedSampleWarning
 from datamodules.shard_lists import ShardSpec
 from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, decode_clip
 
-__all__ = ["CountTarErrors", "DecodeSamples", "SelectFiles", "SkippedSampleWarning", "VideoShardDataModule"]
+__all__ = ["DecodeSamples", "SkippedSampleWarning", "VideoShardDataModule", "collate_clips"]
 
 Sample = dict[str, Any]
 

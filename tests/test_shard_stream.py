@@ -1,11 +1,13 @@
 """The train loader's position at the edges of an epoch: a state saved after the last batch of an
-epoch resumes with the next epoch (whether or not the loader had been asked past its end, as
-Lightning, knowing the length, never does), and a state saved with another worker count is
-dropped with a warning instead of crashing the resume."""
+epoch resumes with the next epoch (whether or not the loader had been asked past its end yet),
+a trainer's loader saves the position of the batches the trainer took, not of those fetched
+ahead, and a state saved with another worker count is dropped with a warning instead of
+crashing the resume."""
 
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 
@@ -29,12 +31,12 @@ def test_a_state_saved_at_the_end_of_an_epoch_resumes_with_the_next_epoch(tmp_pa
     write_shards(tmp_path / "shards", num_shards=2, per_shard=4)
     reference = datamodule(tmp_path / "shards", num_workers).train_dataloader()
     epochs = [[b["key"] for b in reference] for _ in range(2)]
-    assert len(epochs[0]) == len(reference) == 4 and epochs[0] != epochs[1]
+    assert len(epochs[0]) == reference.dataset.batches_per_pass == 4 and epochs[0] != epochs[1]
 
     first = datamodule(tmp_path / "shards", num_workers)
     loader = first.train_dataloader()
     batches = iter(loader)
-    for _ in range(len(loader)):  # as Lightning does: exactly the loader's length
+    for _ in range(loader.dataset.batches_per_pass):
         next(batches)
     if asked_past_the_end:
         assert next(batches, None) is None
@@ -53,3 +55,16 @@ def test_a_state_for_another_worker_count_restarts_the_epoch_with_a_warning(tmp_
     with pytest.warns(UserWarning, match="num_workers=0; this run has 1, 2: the epoch restarts"):
         resumed = datamodule(tmp_path / "shards", 2, state=first.state_dict()).train_dataloader()
     assert [b["key"] for b in resumed] == epoch
+
+
+def test_a_trainers_loader_saves_the_position_of_the_batches_taken_not_of_those_fetched_ahead(tmp_path):
+    write_shards(tmp_path / "shards", num_shards=2, per_shard=4)
+    keys = [b["key"] for b in datamodule(tmp_path / "shards", 2).train_dataloader()]
+    first = datamodule(tmp_path / "shards", 2)
+    first.trainer = trainer = SimpleNamespace(training=True, current_epoch=0)
+    trainer.datamodule = first
+    batches = iter(first.train_dataloader())
+    first.on_before_batch_transfer(next(batches), 0)
+    next(batches)  # fetched ahead (Lightning's prefetch), never taken by the trainer
+    resumed = datamodule(tmp_path / "shards", 2, state=first.state_dict()).train_dataloader()
+    assert [b["key"] for b in resumed] == keys[1:]
