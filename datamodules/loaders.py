@@ -1,6 +1,7 @@
 """`ShardLoader`: the DataLoader of every shard datamodule, a torchdata `StatefulDataLoader`
 (its `state_dict` holds each worker's `ShardStream` position; Lightning saves it in every
-checkpoint as the fit loop's `combined_loader` and loads it on resume). What it adds:
+checkpoint, through the datamodule's `state_dict` and as the fit loop's `combined_loader`,
+and loads it on resume). What it adds:
 
 * **Signals to the process group.** Ctrl-C, `timeout`, `kill -- -PGID` and SLURM's
   `scancel` signal every process of the job, loader workers included; a worker killed by
