@@ -30,8 +30,10 @@ MODELS = ["factorized_unet", "dit", "uvit", "mamba", "latte", "cogvideox", "unet
 def build(name: str, num_frames: int, size: int) -> tuple[torch.nn.Module, int, int]:
     with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
         cfg = compose("train", overrides=[f"model={name}", "run_id=bench", f"data.num_frames={num_frames}", f"data.size={size}"])
-    text = cfg.paradigm.text_encoder
-    return instantiate(cfg.model), text.text_cfg.width, text.embed_dim
+    from lit_models.diffusion import build_net
+
+    text = instantiate(cfg.paradigm.text_encoder)
+    return build_net(instantiate(cfg.model), text), text.token_dim, text.pooled_dim
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, float | str]:

@@ -28,17 +28,12 @@ CAPTIONS = [f"a handwritten {i % 10} moving up-left" for i in range(16)]
 
 
 def build(text_model: str) -> Any:
-    import open_clip
-
-    config = open_clip.get_model_config(text_model)
-    tower, embed_dim = config["text_cfg"], config["embed_dim"]
     with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
         cfg = compose("train", overrides=[
             "experiment=digits_quickstart", "run_id=bench", "+autoencoder=digits", "paradigm.autoencoder.weights=null",
             "paradigm.text_encoder.trainable=false", "paradigm.text_encoder.text_cfg=null",
             f"paradigm.text_encoder.model_name={text_model}", "paradigm.text_encoder.embed_dim=null",
-            f"model.context_dim={tower['width']}", f"model.pooled_dim={embed_dim}",
-        ])  # fmt: skip
+        ])  # the net's context_dim / pooled_dim follow from the tower when the module builds it  # fmt: skip
     L.seed_everything(0, verbose=False)
     return build_model(cfg)
 

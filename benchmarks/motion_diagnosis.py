@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lit_models.digit_scores import digit_scores
 from lit_models.metrics import DIRECTIONS, locate_digits, parse_digit_caption, score_digit_videos
 from lit_models.video_classifier import real_digit_clips
 
@@ -76,7 +77,7 @@ def motion(args: argparse.Namespace) -> None:
             for first in range(0, len(prompts), args.batch):
                 videos.append(model.generate(prompts[first : first + args.batch], guidance_scale=args.guidance, seed=first))
         videos = torch.cat(videos)
-        rows[f"{run_dir.name} samples"] = {**motion_statistics(videos, directions), **model.score(prompts, videos)}
+        rows[f"{run_dir.name} samples"] = {**motion_statistics(videos, directions), **digit_scores(prompts, videos, reward=False)}
     print(f"{args.videos} videos, prompts = 8 directions x 10 digits")
     print("| clips | speed (px/frame) | mean step (px) | cos to prompt | angle spread (deg) | direction acc. | digit acc. | video FD |")
     print("|---|---|---|---|---|---|---|---|")

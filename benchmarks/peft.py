@@ -47,7 +47,8 @@ def measure(method: str, steps: int, threads: int, batch_size: int, channels: tu
 
     from lit_models.conditioning import OpenClipTextEncoder
     from lit_models.nets import FactorizedUNet, TemporalAttention
-    from lit_models.peft import ControlBranch, LoRA, ParameterEfficientFineTuning, SimDAAdapters, TrainOnly, count_parameters
+    from lit_models.fine_tuning import count_parameters
+    from lit_models.peft import ControlBranch, LoRA, ParameterEfficientFineTuning, SimDAAdapters, TrainOnly
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -70,7 +70,8 @@ def measure(family: str, frames: int, height: int, width: int, batch: int, steps
 
     import lit_models.nets.diffusers_video as wrappers
     from lit_models.bundle import training_scheduler
-    from lit_models.peft import LoRA, ParameterEfficientFineTuning, count_parameters
+    from lit_models.fine_tuning import count_parameters
+    from lit_models.peft import LoRA, ParameterEfficientFineTuning
 
     spec = FAMILIES[family]
     torch.manual_seed(0)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lit_models.digit_scores import digit_scores
 from lit_models.feature_cache import deep_cache
 from lit_models.metrics import DIRECTIONS
 
@@ -116,9 +117,9 @@ def run(args: argparse.Namespace) -> None:
         with torch.inference_mode():
             videos, nfe, seconds = measure(model, prompts, sampler, steps, guidance, cache, args.seed, args.batch, args.first_video)
         row = {"label": args.label or run_dir.name, "sampler": sampler, "steps": steps, "cache": cache, "nfe": nfe,
-               "sec_per_video": seconds / count, "videos": count, "guidance": guidance, **model.score(prompts, videos),
+               "sec_per_video": seconds / count, "videos": count, "guidance": guidance, **digit_scores(prompts, videos, reward=False),
                "first_video": args.first_video, "seed": args.seed,
-               "per_video_digit_accuracy": [round(model.score([p], v[None])["digit_accuracy"], 4) for p, v in zip(prompts, videos)]}  # fmt: skip
+               "per_video_digit_accuracy": [round(digit_scores([p], v[None], reward=False)["digit_accuracy"], 4) for p, v in zip(prompts, videos)]}  # fmt: skip
         if fid is not None and (steps in args.fid_steps or steps == 1000):
             fid.reset()
             fid.update(video_frames_uint8(videos, args.fid_frames), real=False)

@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from experiments.checkpoints import weights_are_finite
@@ -65,7 +66,7 @@ class RunRecorder(Callback):
     ) -> None:
         checkpoint["effvid"] = {
             "run_id": self.run_id,
-            "wandb_run_id": getattr(trainer.logger, "version", None),
+            "wandb_run_id": next((lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger)), None),
             "config": self.config,
         }
         if trainer.is_global_zero:

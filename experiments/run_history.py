@@ -1,24 +1,21 @@
-"""Read local effvid runs: their run.json, config.yaml and W&B offline metric history.
+"""Read local effvid runs: their run.json, config.yaml and metrics.jsonl.
 
 A run folder (written by effvid-train) is ``RUNS_DIR/RUN_ID/`` with ``run.json``,
-``config.yaml``, ``checkpoints/`` and ``wandb/offline-run-<time>-RUN_ID/run-RUN_ID.wandb``.
-Each resume adds one more ``offline-run-*`` folder (a *segment*) with the same id.
+``config.yaml``, ``checkpoints/`` and ``metrics.jsonl``: one JSON object per logged row,
+``{"step": 41, "_elapsed": 12.7, "train/loss": 0.183, ...}``, appended by
+``experiments.metrics_log.MetricsFileLogger`` as the run trains. A resumed run continues the
+same file (the rows its killed process logged past the checkpoint are dropped when it resumes),
+so the file is the run's whole history in one piece; no W&B data is read.
 
-The .wandb transaction logs are read with W&B's own reader, ``wandb leet inspect --json``
-(wandb >= 0.31 has no Python reader for them), run as a subprocess.
+A history is a list of rows (dicts), one per logged step, ordered by step. Each row holds the
+metrics logged at that step (several logs at one step, e.g. train + validation, form one row;
+a metric logged twice at one step keeps its later value) plus two keys:
 
-A history is a list of rows (dicts), one per training step, ordered by step. Each row holds
-the metrics logged at that step plus two keys this module adds:
+- ``step`` (``STEP_KEY``): the x axis, Lightning's logging step (W&B's ``trainer/global_step``).
+- ``_elapsed`` (``TIME_KEY``): seconds of training time, continued over resumes.
 
-- ``_global_step`` (``STEP_KEY``): the x axis. Lightning's ``trainer/global_step`` when the run
-  logs it (an offline resume restarts W&B's own ``_step`` at 0, so ``_step`` is only the
-  fallback); rows logged without it take the last step seen before them in their segment.
-- ``_elapsed`` (``TIME_KEY``): seconds of training time, W&B's ``_runtime`` summed over
-  segments (an offline resume restarts ``_runtime`` at 0); ``_timestamp`` is kept as logged.
-
-Segments are merged in the order they started, concatenated by step. Where a step was logged
-in two segments (a resume from an earlier checkpoint re-runs steps), the later segment's row
-replaces the earlier one whole: its values are the ones of the run as it continued.
+With ``--online`` the history comes from the W&B server instead, in the same shape
+(``experiments/wandb_history.py``).
 """
 
 from __future__ import annotations
@@ -26,25 +23,16 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
 import re
-import shutil
-import subprocess
-import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STEP_KEY = "_global_step"
+STEP_KEY = "step"
 TIME_KEY = "_elapsed"
-LIGHTNING_STEP_KEY = "trainer/global_step"
-WANDB_STEP_KEY = "_step"
-
-# W&B writes non-finite floats as these strings in its JSON.
-_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-_INTERNAL_KEYS = {"epoch"}
+METRICS_FILE = "metrics.jsonl"
+_INTERNAL_KEYS = {"epoch", STEP_KEY}
 _INTERNAL_PREFIXES = ("_", "trainer/")
 
 History = list[dict[str, Any]]
@@ -52,10 +40,6 @@ History = list[dict[str, Any]]
 
 class RunNotFoundError(LookupError):
     """No run with the asked id in the runs dir."""
-
-
-class WandbReadError(RuntimeError):
-    """``wandb leet inspect`` could not read a run's .wandb file."""
 
 
 @dataclass(frozen=True)
@@ -119,115 +103,52 @@ def get_run(runs_dir: Path, run_id: str) -> RunInfo:
     raise RunNotFoundError(f"no run '{run_id}' in runs dir {runs_dir} ({hint})")
 
 
-# --- W&B offline records ---------------------------------------------------------------------
+# --- metrics.jsonl ---------------------------------------------------------------------------
 
 
-def wandb_executable() -> str:
-    """The ``wandb`` CLI of this Python environment, else the one on PATH."""
-    beside = Path(sys.executable).parent / ("wandb.exe" if os.name == "nt" else "wandb")
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which("wandb")
-    if found is None:
-        raise WandbReadError(f"wandb CLI not found beside {sys.executable} nor on PATH; install wandb>=0.31")
-    return found
-
-
-def read_wandb_records(wandb_file: Path) -> list[dict[str, Any]]:
-    """Every record of one .wandb file, as ``wandb leet inspect --json`` prints them.
-
-    A file still being written (a running run) reads up to its last complete record.
-    """
-    cmd = [wandb_executable(), "leet", "inspect", "--json", str(wandb_file)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise WandbReadError(
-            f"cannot read W&B log {wandb_file}: `{' '.join(cmd[1:])}` exited with {proc.returncode}"
-            f" ({detail[-1] if detail else 'no output'}); `wandb leet inspect` needs wandb>=0.31"
-        )
+def read_metrics_file(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl in file order; [] when there is none. A last line cut short
+    (a process killed while writing it) is left out silently; any other unreadable line is
+    left out with a warning naming the file and line."""
+    path = Path(path)
     try:
-        return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise WandbReadError(f"cannot read W&B log {wandb_file}: unexpected inspect output ({err})") from err
-
-
-def segment_files(run_dir: Path) -> list[Path]:
-    """The run's .wandb files, one per segment (initial run + each resume), in any order."""
-    files = {p.resolve() for p in Path(run_dir).glob("wandb/*run-*/*.wandb")}  # not latest-run/
-    return sorted(files)
-
-
-def _segment_rows(records: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """(start time, history rows) of one segment; rows are W&B's, values decoded."""
-    start = ""
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    except FileNotFoundError:
+        return []
     rows = []
-    for record in records:
-        if record.get("type") == "run":
-            start = record["run"].get("start_time", "")
-        elif record.get("type") == "history":
-            rows.append(_decode_row(record["history"].get("item", {})))
-    return start, rows
-
-
-def _decode_row(item: dict[str, Any]) -> dict[str, Any]:
-    """Non-finite strings back to floats; media (``key._type`` ...) left out, they are not metrics."""
-    media = {key[: -len("._type")] for key in item if key.endswith("._type")}
-    row = {}
-    for key, value in item.items():
-        if any(key.startswith(prefix + ".") for prefix in media):
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-        row[key] = _NON_FINITE.get(value, value) if isinstance(value, str) else value
-    return row
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not is_number(row.get(STEP_KEY)):
+                raise ValueError("not an object with a numeric step")
+        except ValueError as err:
+            if number < len(lines):  # the text after the last newline is a row being written
+                warnings.warn(f"{path}:{number}: unreadable row left out ({err})", stacklevel=2)
+            continue
+        rows.append(row)
+    return rows
 
 
-def merge_segments(segments: list[list[dict[str, Any]]]) -> History:
-    """One history from W&B rows of segments given in the order they ran (see module doc)."""
-    use_lightning_step = any(LIGHTNING_STEP_KEY in row for rows in segments for row in rows)
-    step_key = LIGHTNING_STEP_KEY if use_lightning_step else WANDB_STEP_KEY
+def merge_rows(rows: list[dict[str, Any]]) -> History:
+    """Rows carrying ``STEP_KEY`` as one history: one row per step, ordered by step; rows of one
+    step are merged in the order given (a later value of a metric replaces an earlier one)."""
     by_step: dict[int, dict[str, Any]] = {}
-    runtime_offset = 0.0
-    for rows in segments:
-        steps = _fill_steps(rows, step_key)
-        if not steps:
-            continue
-        segment: dict[int, dict[str, Any]] = {}
-        for step, row in zip(steps, rows):
-            merged = segment.setdefault(step, {})
-            merged.update(row)  # several logs at one step (train + val) form one row
-            merged[STEP_KEY] = step
-            if is_number(row.get("_runtime")):
-                merged[TIME_KEY] = runtime_offset + row["_runtime"]
-        by_step.update(segment)  # a step this segment re-ran replaces the earlier row whole
-        runtimes = [row["_runtime"] for row in rows if isinstance(row.get("_runtime"), (int, float))]
-        runtime_offset += max(runtimes, default=0.0)
+    for row in rows:
+        step = int(row[STEP_KEY])
+        by_step.setdefault(step, {}).update(row)
+        by_step[step][STEP_KEY] = step
     return [by_step[step] for step in sorted(by_step)]
 
 
-def _fill_steps(rows: list[dict[str, Any]], step_key: str) -> list[int]:
-    """The step of each row; rows without one take the previous row's (the first: the next one's)."""
-    steps: list[int | None] = [
-        int(row[step_key]) if is_number(row.get(step_key)) and math.isfinite(row[step_key]) else None for row in rows
-    ]
-    known = [s for s in steps if s is not None]
-    if not known:
-        return []
-    last = known[0]
-    filled = []
-    for step in steps:
-        last = step if step is not None else last
-        filled.append(last)
-    return filled
-
-
 def load_history(run_dir: Path) -> History:
-    """The run's metric history merged over its segments; [] when it has no W&B data yet."""
-    files = segment_files(run_dir)
-    with ThreadPoolExecutor(max_workers=min(4, len(files) or 1)) as pool:
-        segments = list(pool.map(lambda f: _segment_rows(read_wandb_records(f)), files))
-    # The start time orders segments; the folder name (second resolution) breaks ties.
-    ordered = sorted(zip(segments, files), key=lambda seg: (seg[0][0], seg[1].parent.name))
-    return merge_segments([rows for (_, rows), _ in ordered])
+    """The run's metric history from its metrics.jsonl; [] when it has logged nothing yet."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file() and (Path(run_dir) / "wandb").is_dir():
+        warnings.warn(f"run {Path(run_dir).name} has no {METRICS_FILE} (trained before effvid wrote one): "
+                      "its curves are only in its W&B log; `wandb sync` it and read it with --online", stacklevel=2)
+    return merge_rows(read_metrics_file(path))
 
 
 # --- summaries -------------------------------------------------------------------------------
@@ -362,46 +283,3 @@ def select_runs(runs_dir: Path, group: str | None = None, tags: list[str] | None
             continue
         chosen.append(run.id)
     return chosen
-
-
-# --- online (W&B server, needs an account and network; not used offline) ----------------------
-
-
-def select_online_runs(project_path: str, group: str | None = None, tags: list[str] | None = None) -> list[str]:
-    """Ids of the runs of ``ENTITY/PROJECT`` on the W&B server in `group` with all `tags`."""
-    import wandb
-
-    filters: dict[str, Any] = {}
-    if group is not None:
-        filters["group"] = group
-    if tags:
-        filters["tags"] = {"$all": list(tags)}
-    return [run.id for run in wandb.Api().runs(project_path, filters=filters)]
-
-
-def online_runs(project_path: str) -> list[tuple[RunInfo, dict[str, Any]]]:
-    """(RunInfo, summary) of each run of ``ENTITY/PROJECT`` on the W&B server."""
-    import wandb
-
-    infos = []
-    for run in wandb.Api().runs(project_path):
-        summary = dict(run.summary)
-        step = summary.get(LIGHTNING_STEP_KEY, summary.get(WANDB_STEP_KEY))
-        experiment = run.config.get("experiment_name") or run.group
-        info = RunInfo(run.id, Path(run.path[-1]), run.state, str(run.created_at), experiment,
-                       int(step) if is_number(step) else None)
-        infos.append((info, summary))
-    return infos
-
-
-def online_history_and_config(project_path: str, run_id: str) -> tuple[History, dict[str, Any]]:
-    """History (same shape as ``load_history``) and flattened config of one server run."""
-    import wandb
-
-    try:
-        run = wandb.Api().run(f"{project_path}/{run_id}")
-    except Exception as err:  # wandb raises CommError / ValueError for unknown runs
-        raise RunNotFoundError(f"no run '{run_id}' in W&B project {project_path} ({err})") from err
-    rows = [_decode_row(dict(row)) for row in run.scan_history()]
-    # The server has already merged resumed segments into one history.
-    return merge_segments([rows]), flatten_config(dict(run.config))

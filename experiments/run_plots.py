@@ -26,7 +26,7 @@ def plot_metrics(
     x: Literal["step", "time"] = "step",
 ) -> Path:
     """Write the curves of ``metrics`` for each run to ``out_png``; x is the global step or
-    the training time (``_elapsed``, summed over resumed segments). Returns ``out_png``."""
+    the training time (``_elapsed``, continued over resumes). Returns ``out_png``."""
     if x not in ("step", "time"):
         raise ValueError(f"x must be 'step' or 'time', got {x!r}")
     if not metrics:

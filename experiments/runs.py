@@ -1,4 +1,4 @@
-"""effvid-runs: list and compare runs from their local W&B offline data, no network needed."""
+"""effvid-runs: list and compare runs from their local metrics.jsonl, no network needed."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from experiments.run_history import (
     History,
     RunInfo,
     RunNotFoundError,
-    WandbReadError,
     config_differences,
     find_runs,
     get_run,
@@ -27,12 +26,10 @@ from experiments.run_history import (
     load_history,
     lower_is_better,
     metric_names,
-    online_history_and_config,
-    online_runs,
-    select_online_runs,
     select_runs,
     summarize,
 )
+from experiments.wandb_history import online_history_and_config, online_runs, select_online_runs
 
 LIST_METRIC = "train/loss"
 FORMATS = ("table", "markdown", "csv", "json")
@@ -50,8 +47,9 @@ examples:
   effvid-runs compare --online my-team/effvid --group digits_quickstart --format markdown
   effvid-runs list --online my-team/effvid           # runs on the W&B server (needs login)
 
-A run's history is read from RUNS_DIR/RUN_ID/wandb/ with `wandb leet inspect`; the segments
-of a resumed run are merged into one curve (a later segment supersedes steps it re-ran).
+A run's history is read from RUNS_DIR/RUN_ID/metrics.jsonl, which effvid-train appends to at
+every logged step (a resumed run continues it, minus the steps it runs again); --online reads
+the W&B server instead.
 Best value: min for metrics named like a loss/error (loss, fvd, fid, mse, mae, lpips, error),
 max for everything else.
 """
@@ -67,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="effvid-runs",
-        description="List and compare effvid runs from their W&B offline logs; works without network.",
+        description="List and compare effvid runs from their metrics.jsonl; works without network.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         for message in dict.fromkeys(str(w.message) for w in caught):  # each run lookup re-scans
             print(f"effvid-runs: warning: {message}", file=sys.stderr)
         return status
-    except (RunNotFoundError, WandbReadError, ValueError) as err:
+    except (RunNotFoundError, ValueError) as err:
         print(f"effvid-runs: error: {err}", file=sys.stderr)
         return 1
 
@@ -135,8 +133,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _last_list_metric(run: RunInfo) -> float | None:
     try:
         return summarize(load_history(run.path), [LIST_METRIC])[LIST_METRIC]["last"]
-    except WandbReadError as err:  # one unreadable run should not hide the others
-        warnings.warn(str(err))
+    except OSError as err:  # one unreadable run should not hide the others
+        warnings.warn(f"run {run.id}: {err}")
         return None
 
 

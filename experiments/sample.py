@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.run_dir import RunError, resolve_checkpoint
 from lit_models.feature_cache import sampling_cache
+from lit_models.digit_scores import digit_scores
 from lit_models.super_resolution import resize_frames
 from lit_models.trusted_config import UntrustedConfigError, trust_command_line_targets
 from lit_models.video_logging import save_samples
@@ -69,7 +70,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.out) if cfg.out else new_sample_dir(run_dir)
     paths = save_samples(videos, prompts, out, fps=model.sample_fps * videos.shape[2] / stages["base"].shape[2])
     # The digit metric reads frames at the base resolution: a spatially upsampled video is scored resized back.
-    scores = model.score(prompts, resize_frames(videos, tuple(stages["base"].shape[-2:])))
+    scores = digit_scores(prompts, resize_frames(videos, tuple(stages["base"].shape[-2:])), reward=False)
     print(f"effvid-sample: {len(prompts)} videos {tuple(videos.shape[1:])} from {ckpt}")
     print(f"  sampler={sampler} steps={steps} guidance={guidance} cache={cfg.cache}")
     if len(stages) > 1:

@@ -45,6 +45,7 @@ from experiments.run_dir import (
     RunError,
     acquire_run_lock,
     check_run_id,
+    checkpoint_step,
     joins_a_run,
     launcher_run_id,
     new_run_id,
@@ -179,8 +180,8 @@ def build_model(cfg: DictConfig) -> Any:
 def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:
     """Instantiate datamodule, LightningModule and Trainer from the composed config."""
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor
 
+    from experiments.metrics_log import MetricsFileLogger
     from experiments.run_callbacks import RunRecorder
 
     L.seed_everything(cfg.seed, workers=True)
@@ -188,15 +189,26 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any]:
     model = build_model(cfg)
     if cfg.get("compile") and getattr(model, "net", None) is not None:
         model.net.compile()  # in place: parameter names (and checkpoints) stay the same
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    # W&B (when configured) first: Lightning's `trainer.logger` is the first one. metrics.jsonl
+    # beside it is the run's own record, what effvid-runs reads.
+    loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
+    loggers.append(MetricsFileLogger(run_dir, resume_step=resume_step(cfg)))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if not logger:  # Lightning refuses a LearningRateMonitor without a logger; nothing to log to
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(
         RunRecorder(run_dir, cfg.run_id, OmegaConf.to_container(cfg), cfg.get("experiment_name"))
     )
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
     return datamodule, model, trainer
+
+
+def resume_step(cfg: DictConfig) -> int | None:
+    """The global step of the checkpoint `cfg.resume` names; None for a new run. A checkpoint
+    that does not say is refused by name later (`check_checkpoint_fits`, Lightning); until then
+    metrics.jsonl is cut only where the resumed process starts logging."""
+    if not cfg.get("resume"):
+        return None
+    step = checkpoint_step(Path(cfg.resume))
+    return sys.maxsize if step is None else step
 
 
 def run_training(cfg: DictConfig) -> dict[str, float]:
@@ -330,7 +342,9 @@ def print_summary(run_id: str, run_dir: Path, step: int, metrics: dict[str, floa
     print(f"  checkpoint  {run_dir / 'checkpoints' / 'last.ckpt'}")
     if samples:
         print(f"  samples     {samples[-1]}")
-    print(f"  W&B (offline) {run_dir / 'wandb'}   compare: effvid-runs compare {run_id} OTHER_ID")
+    if (run_dir / "wandb").is_dir():
+        print(f"  W&B (offline) {run_dir / 'wandb'}")
+    print(f"  metrics     {run_dir / 'metrics.jsonl'}   compare: effvid-runs compare {run_id} OTHER_ID")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -330,7 +330,7 @@ def checkpoint_weights(checkpoint: dict[str, Any], weights: str, path: str | Pat
 def load_run_bundle(ckpt: Path) -> ModelBundle:
     """The bundle of an effvid run: its (EMA) denoiser with any LoRA merged in, text encoder,
     VAE and schedule, to fine-tune further or sample."""
-    from lit_models.peft import lora_layers, merge_and_unload_lora
+    from lit_models.lora import lora_layers, merge_and_unload_lora
 
     module = load_run_module(ckpt)
     net = module.net

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from torch import Tensor, nn
 
-from lit_models.diffusion import Conditioning
-from lit_models.text_to_video import TextToVideo
+from lit_models.diffusion import DiffusionModule
+from lit_models.forward_process import Conditioning
+from lit_models.objectives import Losses, Objective
 
 
 def _expand(values: Tensor, like: Tensor) -> Tensor:
@@ -80,33 +81,36 @@ def load_teacher_weights(module: nn.Module, checkpoint: str | Path) -> None:
         )
 
 
-class _Distillation(TextToVideo):
-    """A student `net` initialised from the teacher checkpoint; teacher and text tower frozen.
+class TeacherDistillation(Objective):
+    """Distillation from a frozen teacher, the student's starting point (`module.net` after the
+    teacher checkpoint is loaded into it); the text tower is frozen.
 
     Args:
         teacher_checkpoint: the teacher run's `last.ckpt`; None keeps the given weights (tests).
         teacher_guidance: classifier-free guidance scale of the teacher's predictions.
-        **text_to_video: `TextToVideo` arguments (the teacher run's model and text encoder).
     """
 
-    def __init__(self, teacher_checkpoint: str | None = None, teacher_guidance: float = 5.0, **text_to_video: Any) -> None:
-        super().__init__(**text_to_video)
-        if self.flow_matching:
+    def __init__(self, teacher_checkpoint: str | None = None, teacher_guidance: float = 5.0) -> None:
+        super().__init__()
+        self.teacher_checkpoint, self.teacher_guidance = teacher_checkpoint, teacher_guidance
+        self.noise_scheduler: Any = None
+        self.prediction_type = "epsilon"
+
+    def bind(self, module: Any) -> None:
+        if module.flow_matching:
             raise ValueError(
-                f"{type(self).__name__} distils a DDPM-style (epsilon / v) teacher along its DDIM trajectory; this "
+                f"{type(module).__name__} distils a DDPM-style (epsilon / v) teacher along its DDIM trajectory; this "
                 "teacher trains with flow matching (LTX-Video, Wan), which it does not cover"
             )
-        if teacher_checkpoint is not None:
-            load_teacher_weights(self, teacher_checkpoint)
-        self.text_encoder.trainable = False
-        self.text_encoder.requires_grad_(False).eval()
-        self.teacher = copy.deepcopy(self.net).requires_grad_(False).eval()
-        self.teacher_guidance = teacher_guidance
+        if self.teacher_checkpoint is not None:
+            load_teacher_weights(module, self.teacher_checkpoint)
+        module.text_encoder.trainable = False
+        module.text_encoder.requires_grad_(False).eval()
+        self.teacher = copy.deepcopy(module.net).requires_grad_(False).eval()
+        self.noise_scheduler, self.prediction_type = module.noise_scheduler, module.prediction_type
 
-    def train(self, mode: bool = True) -> _Distillation:
-        super().train(mode)
+    def keep_frozen_in_eval(self) -> None:
         self.teacher.eval()
-        return self
 
     def alpha_bar(self, timesteps: Tensor) -> Tensor:
         """Cumulative alpha at integer timesteps `(B,)`; t < 0 is the end of sampling
@@ -125,12 +129,13 @@ class _Distillation(TextToVideo):
     def noised(self, x0: Tensor, timesteps: Tensor) -> Tensor:
         return self.noise_scheduler.add_noise(x0, torch.randn_like(x0), timesteps)
 
-    def captions_conditioning(self, batch: dict[str, Any]) -> tuple[Conditioning, Conditioning]:
+    @staticmethod
+    def captions_conditioning(module: Any, batch: dict[str, Any]) -> tuple[Conditioning, Conditioning]:
         captions = list(batch["caption"])
-        return self.encode_captions(captions), self.encode_captions([""] * len(captions))
+        return module.encode_captions(captions), module.encode_captions([""] * len(captions))
 
 
-class ProgressiveDistillation(_Distillation):
+class ProgressiveDistillationLoss(TeacherDistillation):
     """Progressive distillation: round r trains a `teacher_steps / 2^(r+1)`-step DDIM student.
 
     Args:
@@ -138,23 +143,26 @@ class ProgressiveDistillation(_Distillation):
         steps_per_round: optimizer steps per round; then the student becomes the teacher.
         timestep_spacing: diffusers spacing of the DDIM grids ("trailing" starts at t = T - 1,
             which few-step sampling needs); sample the student with the matching sampler.
-        **distillation: `_Distillation` arguments.
+        **teacher: `TeacherDistillation` arguments.
     """
 
-    def __init__(self, teacher_steps: int = 16, steps_per_round: int = 500, timestep_spacing: str = "trailing", **distillation: Any) -> None:
-        super().__init__(**distillation)
-        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
-        if teacher_steps < 2 or teacher_steps % 2 or num_train_timesteps % teacher_steps:
-            # DDIM steps from t to t - T // steps; two teacher strides must be one student stride.
-            raise ValueError(
-                f"ProgressiveDistillation: teacher_steps must be even and divide num_train_timesteps="
-                f"{num_train_timesteps}, got {teacher_steps}"
-            )
+    def __init__(self, teacher_steps: int = 16, steps_per_round: int = 500, timestep_spacing: str = "trailing", **teacher: Any) -> None:
+        super().__init__(**teacher)
         self.teacher_steps = teacher_steps
         self.steps_per_round = steps_per_round
         self.timestep_spacing = timestep_spacing
         self.register_buffer("round", torch.zeros((), dtype=torch.long))
-        self.sample_steps = self.student_steps
+
+    def bind(self, module: Any) -> None:
+        super().bind(module)
+        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        if self.teacher_steps < 2 or self.teacher_steps % 2 or num_train_timesteps % self.teacher_steps:
+            # DDIM steps from t to t - T // steps; two teacher strides must be one student stride.
+            raise ValueError(
+                f"ProgressiveDistillation: teacher_steps must be even and divide num_train_timesteps="
+                f"{num_train_timesteps}, got {self.teacher_steps}"
+            )
+        module.sample_steps = self.student_steps
 
     @property
     def student_steps(self) -> int:
@@ -164,7 +172,7 @@ class ProgressiveDistillation(_Distillation):
         """DDIM timesteps of a `steps`-step sampler, descending."""
         ddim = DDIMScheduler.from_config(self.noise_scheduler.config, timestep_spacing=self.timestep_spacing)
         ddim.set_timesteps(steps)
-        return ddim.timesteps.to(self.device)
+        return ddim.timesteps.to(self.round.device)
 
     def student_target(self, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning, unconditioning: Conditioning) -> Tensor:
         """The student's prediction target at `(x_t, t)`: the output whose single DDIM step to
@@ -187,27 +195,25 @@ class ProgressiveDistillation(_Distillation):
             return eps_student
         return x0_student
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        target_round = self.global_step // self.steps_per_round
+    def on_train_batch_start(self, module: Any) -> None:
+        target_round = module.global_step // self.steps_per_round
         if target_round > int(self.round) and self.student_steps % 2 == 0 and self.student_steps > 1:
-            self.teacher.load_state_dict(self.net.state_dict())
+            self.teacher.load_state_dict(module.net.state_dict())
             self.round.fill_(target_round)
-            self.sample_steps = self.student_steps
+            module.sample_steps = self.student_steps
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        x0 = self.clean_data(batch)  # (B, C, F, H, W) in diffusion space
-        conditioning, unconditioning = self.captions_conditioning(batch)
+    def forward(self, module: Any, batch: dict[str, Any], stage: str, generator: torch.Generator | None) -> Losses:
+        x0 = module.clean_data(batch)  # (B, C, F, H, W) in diffusion space
+        conditioning, unconditioning = self.captions_conditioning(module, batch)
         grid = self.grid(self.student_steps)
         timesteps = grid[torch.randint(0, len(grid), (x0.shape[0],), device=grid.device)]
         x_t = self.noised(x0, timesteps)
         target = self.student_target(x_t, timesteps, conditioning, unconditioning)
-        loss = F.mse_loss(self.net(x_t, timesteps, **conditioning).float(), target)
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
-        self.log("train/student_steps", float(self.student_steps), batch_size=x0.shape[0])
-        return loss
+        loss = F.mse_loss(module.net(x_t, timesteps, **conditioning).float(), target)
+        return {"loss": loss, "student_steps": torch.tensor(float(self.student_steps))}, x0.shape[0]
 
 
-class ConsistencyDistillation(_Distillation):
+class ConsistencyDistillationLoss(TeacherDistillation):
     """Latent-consistency-style distillation with a DDIM teacher solver and an EMA target.
 
     Args:
@@ -215,15 +221,18 @@ class ConsistencyDistillation(_Distillation):
             solver step spans `num_train_timesteps / num_ddim_timesteps` timesteps.
         target_ema: decay of the target network towards the student after every step.
         huber_c: pseudo-Huber constant of the loss (LCM); None for MSE.
-        **distillation: `_Distillation` arguments.
+        **teacher: `TeacherDistillation` arguments.
     """
 
-    def __init__(self, num_ddim_timesteps: int = 50, target_ema: float = 0.95, huber_c: float | None = 0.001, **distillation: Any) -> None:
-        super().__init__(**distillation)
+    def __init__(self, num_ddim_timesteps: int = 50, target_ema: float = 0.95, huber_c: float | None = 0.001, **teacher: Any) -> None:
+        super().__init__(**teacher)
         self.num_ddim_timesteps = num_ddim_timesteps
         self.target_ema = target_ema
         self.huber_c = huber_c
-        self.target_net = copy.deepcopy(self.net).requires_grad_(False)
+
+    def bind(self, module: Any) -> None:
+        super().bind(module)
+        self.target_net = copy.deepcopy(module.net).requires_grad_(False)
 
     def consistency_function(self, net: nn.Module, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
         """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t)."""
@@ -231,15 +240,15 @@ class ConsistencyDistillation(_Distillation):
         c_skip, c_out = consistency_scalings(timesteps)
         return _expand(c_skip, x_t) * x_t + _expand(c_out, x_t) * x0
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        x0 = self.clean_data(batch)  # (B, C, F, H, W) in diffusion space
-        conditioning, unconditioning = self.captions_conditioning(batch)
+    def forward(self, module: Any, batch: dict[str, Any], stage: str, generator: torch.Generator | None) -> Losses:
+        x0 = module.clean_data(batch)  # (B, C, F, H, W) in diffusion space
+        conditioning, unconditioning = self.captions_conditioning(module, batch)
         stride = self.noise_scheduler.config.num_train_timesteps // self.num_ddim_timesteps
         index = torch.randint(1, self.num_ddim_timesteps + 1, (x0.shape[0],), device=x0.device)
         timesteps = index * stride - 1  # LCM's grid: stride - 1, 2 stride - 1, ..., T - 1
         previous = timesteps - stride  # -1 below the grid: the end of sampling
         x_t = self.noised(x0, timesteps)
-        prediction = self.consistency_function(self.net, x_t, timesteps, conditioning)
+        prediction = self.consistency_function(module.net, x_t, timesteps, conditioning)
         with torch.no_grad():
             teacher_x0, teacher_eps = self.teacher_x0_eps(x_t, timesteps, conditioning, unconditioning)
             x_previous = ddim_step(teacher_x0, teacher_eps, self.alpha_bar(previous))
@@ -248,20 +257,19 @@ class ConsistencyDistillation(_Distillation):
             loss = F.mse_loss(prediction, target)
         else:
             loss = (((prediction - target) ** 2).flatten(1).mean(1) + self.huber_c**2).sqrt().mean() - self.huber_c
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
-        return loss
+        return {"loss": loss}, x0.shape[0]
 
     def consistency_target(self, x_previous: Tensor, previous: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
         """The EMA target's consistency function one teacher step down, at `previous`."""
         return self.consistency_function(self.target_net, x_previous, previous.clamp(min=0), conditioning)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, module: Any) -> None:
         with torch.no_grad():
-            for target, student in zip(self.target_net.parameters(), self.net.parameters()):
+            for target, student in zip(self.target_net.parameters(), module.net.parameters()):
                 target.lerp_(student, 1 - self.target_ema)
 
 
-class PhasedConsistencyDistillation(ConsistencyDistillation):
+class PhasedConsistencyDistillationLoss(ConsistencyDistillationLoss):
     """Phased consistency distillation: `phases` deterministic sampling steps on the edges of
     `ddim_trailing`'s `phases`-step grid (T - 1, ..., T / phases - 1, then the clean end).
 
@@ -272,11 +280,16 @@ class PhasedConsistencyDistillation(ConsistencyDistillation):
 
     Args:
         phases: sampling steps the student is trained for; must divide the solver grid.
-        **consistency: `ConsistencyDistillation` arguments.
+        **consistency: `ConsistencyDistillationLoss` arguments.
     """
 
     def __init__(self, phases: int = 4, **consistency: Any) -> None:
         super().__init__(**consistency)
+        self.phases = phases
+
+    def bind(self, module: Any) -> None:
+        super().bind(module)
+        phases = self.phases
         num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         if num_train_timesteps % phases or self.num_ddim_timesteps % phases:
             raise ValueError(
@@ -285,8 +298,7 @@ class PhasedConsistencyDistillation(ConsistencyDistillation):
             )
         if num_train_timesteps % self.num_ddim_timesteps:
             raise ValueError(f"PhasedConsistencyDistillation: num_ddim_timesteps={self.num_ddim_timesteps} must divide {num_train_timesteps}")
-        self.phases = phases
-        self.sample_steps = phases
+        module.sample_steps = phases
 
     def phase_edge(self, timesteps: Tensor) -> Tensor:
         """The lower edge of each timestep's phase; -1 (the clean end) for the last phase."""
@@ -304,3 +316,36 @@ class PhasedConsistencyDistillation(ConsistencyDistillation):
         on_edge = previous == self.phase_edge(timesteps)  # (B,)
         carried = self.consistency_function(self.target_net, x_previous, previous.clamp(min=0), conditioning)
         return torch.where(_expand(on_edge, x_previous).bool(), x_previous, carried)
+
+
+# --- the paradigms: the diffusion module with a distillation objective -------------------------
+
+
+class ProgressiveDistillation(DiffusionModule):
+    """The student of `ProgressiveDistillationLoss` (its arguments, then `DiffusionModule`'s)."""
+
+    def __init__(self, teacher_checkpoint: str | None = None, teacher_guidance: float = 5.0, teacher_steps: int = 16,
+                 steps_per_round: int = 500, timestep_spacing: str = "trailing", **diffusion: Any) -> None:  # fmt: skip
+        objective = ProgressiveDistillationLoss(teacher_steps, steps_per_round, timestep_spacing,
+                                                teacher_checkpoint=teacher_checkpoint, teacher_guidance=teacher_guidance)  # fmt: skip
+        super().__init__(objective=objective, **diffusion)
+
+
+class ConsistencyDistillation(DiffusionModule):
+    """The student of `ConsistencyDistillationLoss`, or of `PhasedConsistencyDistillationLoss`
+    when `phases` is given (their arguments, then `DiffusionModule`'s)."""
+
+    def __init__(self, teacher_checkpoint: str | None = None, teacher_guidance: float = 5.0, num_ddim_timesteps: int = 50,
+                 target_ema: float = 0.95, huber_c: float | None = 0.001, phases: int | None = None,
+                 **diffusion: Any) -> None:  # fmt: skip
+        consistency = dict(num_ddim_timesteps=num_ddim_timesteps, target_ema=target_ema, huber_c=huber_c,
+                           teacher_checkpoint=teacher_checkpoint, teacher_guidance=teacher_guidance)  # fmt: skip
+        objective = ConsistencyDistillationLoss(**consistency) if phases is None else PhasedConsistencyDistillationLoss(phases, **consistency)
+        super().__init__(objective=objective, **diffusion)
+
+
+class PhasedConsistencyDistillation(ConsistencyDistillation):
+    """Consistency distillation in `phases` phases (PCM)."""
+
+    def __init__(self, phases: int = 4, **consistency: Any) -> None:
+        super().__init__(phases=phases, **consistency)

@@ -22,14 +22,14 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from lit_models.bundle import BundleError, load_run, read_checkpoint
 from lit_models.diffusers_pipelines import denoiser_model, family_pipeline
-from lit_models.peft import LoRA, MotionModule, lora_layers, merge_and_unload_lora, save_motion_adapter
+from lit_models.injectors import MotionModule, save_motion_adapter
+from lit_models.lora import LoRA, lora_layers, merge_and_unload_lora
 
 FORMATS = ("auto", "lora", "comfyui", "motion_adapter", "full")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -143,11 +143,11 @@ def _write_lora(module: nn.Module, out: Path) -> tuple[str, LoRA]:
     lora = _lora_config(module)
     family = module.bundle_family
     metadata = lora.config().to_dict()
-    if family is None:  # effvid's own net: peft's keys, alpha in the metadata (lit_models.peft.import_lora)
-        from lit_models.peft import export_lora
+    if family is None:  # effvid's own net: peft's keys, alpha in the metadata (lit_models.lora.import_lora)
+        from lit_models.lora import export_lora
 
         export_lora(module.net, out / LORA_FILE, lora)
-        return "lit_models.peft.import_lora(net, DIR / 'pytorch_lora_weights.safetensors')", lora
+        return "lit_models.lora.import_lora(net, DIR / 'pytorch_lora_weights.safetensors')", lora
     attribute = "unet" if family.denoiser_component == "unet" and hasattr(module.net, "unet") else "model"
     state = _lora_state(module.net, f"{attribute}.", lora.adapter_name)
     pipeline = getattr(diffusers, family.lora_pipeline)

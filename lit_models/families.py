@@ -73,7 +73,7 @@ def _tokenizer_length(components: dict[str, Any]) -> int:
     return int(components["tokenizer"].model_max_length)
 
 
-def _spatial_multiple(denoiser: nn.Module) -> int:
+def spatial_multiple(denoiser: nn.Module) -> int:
     """How many latent pixels one denoiser step down (U-Net levels) or patch covers."""
     model = getattr(denoiser, "model", None) or getattr(denoiser, "unet")
     config = model.config
@@ -81,10 +81,6 @@ def _spatial_multiple(denoiser: nn.Module) -> int:
         return 2 ** (len(config.block_out_channels) - 1)
     patch = config.get("patch_size") or 1
     return int(patch if isinstance(patch, int) else patch[-1])
-
-
-def _wrap_unet(unet: nn.Module, vae: Any) -> nn.Module:
-    return DiffusersFrameUNet(unet)
 
 
 def _wrap_ltx(model: nn.Module, vae: Any) -> nn.Module:
@@ -98,7 +94,7 @@ FAMILIES: tuple[Family, ...] = (
         pipelines=("StableDiffusionPipeline", "AnimateDiffPipeline"),
         denoiser_component="unet",
         denoiser_classes=("UNet2DConditionModel", "UNetMotionModel"),
-        wrap_denoiser=_wrap_unet,
+        wrap_denoiser=lambda unet, vae: DiffusersFrameUNet(unet),
         vae_classes=("AutoencoderKL",),
         video_vae=False,
         text_length=_tokenizer_length,
@@ -194,6 +190,3 @@ def family_for_pipeline(pipeline_class: str, where: str) -> Family:
     supported = sorted(p for f in FAMILIES for p in f.pipelines)
     raise ValueError(f"{where}: pipeline class {pipeline_class!r} is not supported; effvid loads {', '.join(supported)}")
 
-
-def spatial_multiple(denoiser: nn.Module) -> int:
-    return _spatial_multiple(denoiser)

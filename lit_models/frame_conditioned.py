@@ -1,9 +1,8 @@
 """Text-to-video with masked-frame conditioning: one model for generation, image-to-video,
 video prediction, long-video extension (LVDM) and frame interpolation.
 
-The net is wrapped in `MaskedFrameConditioning` (built with `in_channels = 2 C + 1`); at
-training every clip gets a random known-frame mask (`random_frame_masks`), so at sampling any
-frames can be given.
+The diffusion module with the `KnownFrames` input (`lit_models/inputs.py`), plus the sampling
+procedures built on it: extension and interpolation.
 """
 
 from __future__ import annotations
@@ -11,59 +10,25 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from torch import nn
-
-from lit_models.conditioning import FRAME_MASK_MODES, MaskedFrameConditioning, random_frame_masks
-from lit_models.diffusion import Conditioning
-from lit_models.text_to_video import TextToVideo
+from lit_models.conditioning import FRAME_MASK_MODES
+from lit_models.diffusion import DiffusionModule
+from lit_models.inputs import KnownFrames
 
 
-class FrameConditionedTextToVideo(TextToVideo):
-    """`TextToVideo` whose net also sees known frames.
+class FrameConditionedTextToVideo(DiffusionModule):
+    """A text-to-video model whose net (built with `in_channels = 2 * channels + 1`) also sees
+    known frames: `KnownFrames`' `mask_modes`, then `DiffusionModule`'s arguments."""
 
-    Args:
-        net: the denoiser, with `in_channels = 2 * channels + 1` (wrapped here).
-        mask_modes: training mask modes (see `random_frame_masks`).
-        **text_to_video: `TextToVideo` arguments.
-    """
+    def __init__(self, net: nn.Module, mask_modes: Sequence[str] = FRAME_MASK_MODES, **diffusion: Any) -> None:
+        super().__init__(net=net, inputs=KnownFrames(mask_modes), **diffusion)
 
-    def __init__(self, net: nn.Module, mask_modes: Sequence[str] = FRAME_MASK_MODES, **text_to_video: Any) -> None:
-        if not isinstance(net, MaskedFrameConditioning):
-            net = MaskedFrameConditioning(net)
-        super().__init__(net=net, **text_to_video)
-        self.mask_modes = tuple(mask_modes)
-        random_frame_masks(1, 2, self.mask_modes)  # a bad mode fails at construction
-
-    def condition(self, batch: dict[str, Any], drop: bool) -> Conditioning:
-        conditioning = super().condition(batch, drop)
-        known = self.clean_data(batch)  # (B, C, F, H, W) in diffusion space
-        generator = None if drop else torch.Generator().manual_seed(0)  # fixed masks at validation
-        mask = random_frame_masks(known.shape[0], known.shape[2], self.mask_modes, generator).to(known.device)
-        return {**conditioning, "known": known, "known_mask": mask}
-
-    @torch.no_grad()
-    def generate_with_frames(
-        self,
-        prompts: Sequence[str],
-        known: Tensor,
-        known_mask: Tensor,
-        sampler: str | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        seed: int = 0,
-    ) -> Tensor:
+    def generate_with_frames(self, prompts: Sequence[str], known: Tensor, known_mask: Tensor, sampler: str | None = None,
+                             steps: int | None = None, guidance_scale: float | None = None, seed: int = 0) -> Tensor:  # fmt: skip
         """Videos shaped like `known` `(B, C, F, H, W)`, its frames where `known_mask` `(B, F)`
         is True given (and copied into the result)."""
-        known, known_mask = known.to(self.device), known_mask.to(self.device)
-        frames = {"known": self.encode_data(known), "known_mask": known_mask}
-        conditioning = {**self.encode_captions(prompts), **frames}
-        unconditioning = {**self.encode_captions([""] * len(prompts)), **frames}
-        generator = torch.Generator().manual_seed(seed)
-        shape = self.data_shape(tuple(known.shape))
-        videos = self.decode_data(self.sample(shape, conditioning, unconditioning, sampler, steps, guidance_scale, generator))
-        return torch.where(known_mask[:, None, :, None, None], known, videos)
+        return self.generate(prompts, sampler, steps, guidance_scale, seed, known=known, known_mask=known_mask)
 
     @torch.no_grad()
     def extend(self, prompts: Sequence[str], videos: Tensor, num_new: int, context: int | None = None, **sampling: Any) -> Tensor:

@@ -17,7 +17,6 @@ the prior's image embedding predicted from it.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -28,12 +27,11 @@ from torch import Tensor, nn
 
 from data_tools.digits import image_caption_for
 from lit_models.conditioning import OpenClipEmbedder
-from lit_models.diffusion import Conditioning
-from lit_models.metrics import parse_digit_caption, score_digit_videos
-from lit_models.text_to_video import TextToVideo
+from lit_models.diffusion import DiffusionModule
+from lit_models.forward_process import Conditioning
+from lit_models.objectives import DenoisingLoss, Losses
 
 STAGES = ("t2i", "video")
-_IMAGE_CAPTION = re.compile(r"^a handwritten (\d)$")
 
 
 def load_state_dict_from(path: str) -> dict[str, Tensor]:
@@ -98,7 +96,23 @@ def is_temporal_parameter(name: str) -> bool:
     return ".temporal." in f".{name}"
 
 
-class ImageTextToVideo(TextToVideo):
+class DenoisingAndPriorLoss(DenoisingLoss):
+    """The denoising loss plus, in the t2i stage's training, the prior's loss (weighted)."""
+
+    def __init__(self, prior_loss_weight: float = 1.0) -> None:
+        super().__init__()
+        self.prior_loss_weight = prior_loss_weight
+
+    def forward(self, module: Any, batch: dict[str, Any], stage: str, generator: torch.Generator | None) -> Losses:
+        losses, batch_size = super().forward(module, batch, stage, generator)
+        if stage != "train" or module.stage != "t2i" or module.prior is None:
+            return losses, batch_size
+        prior_loss = module.prior_loss(batch)
+        loss = losses["loss"] + self.prior_loss_weight * prior_loss
+        return {"loss": loss, "diffusion_loss": losses["loss"], "prior_loss": prior_loss}, batch_size
+
+
+class ImageTextToVideo(DiffusionModule):
     """The `t2i` and `video` stages of Make-A-Video on the shared diffusion core.
 
     Args:
@@ -111,7 +125,7 @@ class ImageTextToVideo(TextToVideo):
         prior: optional `EmbeddingPrior`, trained in the t2i stage, used at inference.
         prior_loss_weight: weight of the prior's MSE in the t2i loss.
         cfg_dropout: probability of a zero (unconditional) embedding in training.
-        **text_to_video: `TextToVideo` arguments besides `text_encoder` (validation sampling,
+        **text_to_video: `DiffusionModule` arguments besides `text_encoder` (validation sampling,
             video_shape, ...); prompts are embedded with CLIP's text tower.
     """
 
@@ -129,7 +143,7 @@ class ImageTextToVideo(TextToVideo):
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"ImageTextToVideo: stage must be one of {STAGES}, got {stage!r}")
-        super().__init__(net=net, text_encoder=None, **text_to_video)
+        super().__init__(net=net, text_encoder=None, objective=DenoisingAndPriorLoss(prior_loss_weight), **text_to_video)
         if clip.trainable:
             raise ValueError("ImageTextToVideo: clip must be frozen (clip.trainable=false); train it in the clip stage")
         self.clip = clip
@@ -137,7 +151,6 @@ class ImageTextToVideo(TextToVideo):
         self.stage = stage
         self.freeze_spatial = freeze_spatial
         self.spatial_lr_scale = spatial_lr_scale
-        self.prior_loss_weight = prior_loss_weight
         if init_from is not None:
             self.load_stage_checkpoint(init_from)
         if stage == "video":
@@ -174,7 +187,7 @@ class ImageTextToVideo(TextToVideo):
         empty = torch.tensor([c == "" for c in captions], device=embedding.device)
         return self.as_conditioning(embedding.masked_fill(empty[:, None], 0.0))
 
-    def clean_data(self, batch: dict[str, Any]) -> Tensor:
+    def clean_data(self, batch: dict[str, Any], key: str = "video") -> Tensor:
         """x0 `(B, C, F, H, W)` in diffusion space: images as one-frame clips in the t2i stage."""
         return self.encode_data(batch["image"][:, :, None] if self.stage == "t2i" else batch["video"])
 
@@ -198,41 +211,19 @@ class ImageTextToVideo(TextToVideo):
             embedding = embedding * keep[:, None]
         return self.as_conditioning(embedding)
 
-    def score(self, prompts: Sequence[str], videos: Tensor) -> dict[str, float]:
-        """The digit metric also for still-image captions ("a handwritten 7"), without the
-        direction score: the video stage learns motion from uncaptioned clips."""
-        if all(parse_digit_caption(p) is not None for p in prompts):
-            return super().score(prompts, videos)
-        matches = [_IMAGE_CAPTION.match(p) for p in prompts]
-        if not matches or not all(matches):
-            return {}
-        return score_digit_videos(videos, [int(m.group(1)) for m in matches])
-
     # --- training -----------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        x0 = self.clean_data(batch)
-        loss = self.diffusion_loss(x0, self.condition(batch, drop=True)).mean()
-        self.log("train/diffusion_loss", loss, batch_size=x0.shape[0])
-        if self.stage == "t2i" and self.prior is not None:
-            target = self.clip.encode_image(batch["image"])
-            prior_loss = F.mse_loss(self.prior(self.clip.encode_text(list(batch["caption"]))), target)
-            self.log("train/prior_loss", prior_loss, batch_size=x0.shape[0])
-            loss = loss + self.prior_loss_weight * prior_loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
-        return loss
+    def prior_loss(self, batch: dict[str, Any]) -> Tensor:
+        """The prior's MSE from the caption's text embedding to the image's embedding."""
+        target = self.clip.encode_image(batch["image"])
+        return F.mse_loss(self.prior(self.clip.encode_text(list(batch["caption"]))), target)
 
-    def configure_optimizers(self) -> Any:
+    def parameter_groups(self) -> list[Tensor] | list[dict[str, Any]]:
         """Video stage without freezing: the spatial layers at `spatial_lr_scale` x the LR."""
         if self.stage == "t2i" or self.freeze_spatial:
-            return super().configure_optimizers()
+            return super().parameter_groups()
         base_lr = self.optimizer_factory.keywords["lr"]
         named = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
-        groups = [
+        return [
             {"params": [p for n, p in named if is_temporal_parameter(n)]},
             {"params": [p for n, p in named if not is_temporal_parameter(n)], "lr": base_lr * self.spatial_lr_scale},
         ]
-        optimizer = self.optimizer_factory(groups)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

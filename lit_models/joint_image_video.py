@@ -19,21 +19,22 @@ from diffusers.training_utils import compute_snr
 from einops import rearrange
 from torch import Tensor
 
-from lit_models.diffusion import Conditioning, min_snr_weights
-from lit_models.text_to_video import TextToVideo
+from lit_models.diffusion import DiffusionModule
+from lit_models.forward_process import Conditioning, min_snr_weights
+from lit_models.objectives import DenoisingLoss, Losses
 
 
-class JointImageVideo(TextToVideo):
-    """Text-to-video trained on batches of clips and images (`JointImageVideoDataModule`).
+class JointImageVideoLoss(DenoisingLoss):
+    """The denoising loss over clips with images appended (`arrange`), weighted per frame kind;
+    batches without images (validation's clips) take the plain denoising loss.
 
     Args:
         video_loss_weight, image_loss_weight: weights of the mean denoising loss over clip
             frames and over image frames in the training loss.
-        **text_to_video: `TextToVideo` arguments (validation samples videos only).
     """
 
-    def __init__(self, video_loss_weight: float = 1.0, image_loss_weight: float = 1.0, **text_to_video: Any) -> None:
-        super().__init__(**text_to_video)
+    def __init__(self, video_loss_weight: float = 1.0, image_loss_weight: float = 1.0) -> None:
+        super().__init__()
         self.video_loss_weight = video_loss_weight
         self.image_loss_weight = image_loss_weight
 
@@ -67,38 +68,40 @@ class JointImageVideo(TextToVideo):
         ]
         return x0, image_frames, weights, captions
 
-    def frame_conditioning(self, captions: list[list[str]], image_frames: Tensor, drop: bool) -> Conditioning:
+    @staticmethod
+    def frame_conditioning(module: Any, captions: list[list[str]], image_frames: Tensor, drop: bool) -> Conditioning:
         """Per-frame text conditioning `(B, F, ...)`, every distinct caption encoded once."""
         flat = [c for clip in captions for c in clip]
-        if drop and self.cfg_dropout > 0:
-            keep = (torch.rand(len(flat)) >= self.cfg_dropout).tolist()
+        if drop and module.cfg_dropout > 0:
+            keep = (torch.rand(len(flat)) >= module.cfg_dropout).tolist()
             flat = [c if k else "" for c, k in zip(flat, keep)]
         unique = sorted(set(flat))
         index = torch.tensor([unique.index(c) for c in flat])
-        encoded = self.encode_captions(unique)
+        encoded = module.encode_captions(unique)
         frames = image_frames.shape[1]
         per_frame = {k: rearrange(v[index.to(v.device)], "(b f) ... -> b f ...", f=frames) for k, v in encoded.items()}
         return {**per_frame, "image_frames": image_frames}
 
-    def frame_losses(self, x0: Tensor, conditioning: Conditioning, generator: torch.Generator | None = None) -> Tensor:
+    @staticmethod
+    def frame_losses(module: Any, x0: Tensor, conditioning: Conditioning, generator: torch.Generator | None = None) -> Tensor:
         """Min-SNR-weighted denoising loss per frame `(B, F)`; one timestep per clip."""
         batch_size = x0.shape[0]
         timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator
+            0, module.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator
         ).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0)  # (B, C, F, H, W)
-        prediction = self.net(self.noise_scheduler.add_noise(x0, noise, timesteps), timesteps, **conditioning)
-        loss = F.mse_loss(prediction.float(), self.target(x0, noise, timesteps).float(), reduction="none")
+        prediction = module.net(module.noise_scheduler.add_noise(x0, noise, timesteps), timesteps, **conditioning)
+        loss = F.mse_loss(prediction.float(), module.target(x0, noise, timesteps).float(), reduction="none")
         loss = loss.mean(dim=(1, 3, 4))  # (B, F)
-        if self.min_snr_gamma is not None:
-            snr = compute_snr(self.noise_scheduler, timesteps)
-            loss = loss * min_snr_weights(snr, self.min_snr_gamma, self.prediction_type)[:, None]
+        if module.min_snr_gamma is not None:
+            snr = compute_snr(module.noise_scheduler, timesteps)
+            loss = loss * min_snr_weights(snr, module.min_snr_gamma, module.prediction_type)[:, None]
         return loss
 
-    def joint_loss(self, batch: dict[str, Any], drop: bool, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def joint_loss(self, module: Any, batch: dict[str, Any], drop: bool, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         x0, image_frames, weights, captions = self.arrange(batch)
-        x0 = self.encode_data(x0)  # per frame, so appended images encode as images
-        losses = self.frame_losses(x0, self.frame_conditioning(captions, image_frames, drop), generator)
+        x0 = module.encode_data(x0)  # per frame, so appended images encode as images
+        losses = self.frame_losses(module, x0, self.frame_conditioning(module, captions, image_frames, drop), generator)
         video_weights = weights * ~image_frames
         image_weights = weights * image_frames
         out = {"loss": losses.new_zeros(())}
@@ -111,12 +114,18 @@ class JointImageVideo(TextToVideo):
                 out["loss"] = out["loss"] + scale * out[name]
         return out
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        losses = self.joint_loss(batch, drop=True)
-        size = batch["video"].shape[0] + batch["image"].shape[0]
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
-        for name in ("video", "image"):
-            if name in losses:
-                self.log(f"train/{name}_loss", losses[name], batch_size=size)
-        return losses["loss"]
+    def forward(self, module: Any, batch: dict[str, Any], stage: str, generator: torch.Generator | None) -> Losses:
+        if "image" not in batch:
+            return super().forward(module, batch, stage, generator)
+        losses = self.joint_loss(module, batch, stage == "train", generator)
+        named = {"loss": losses["loss"], **{f"{k}_loss": losses[k] for k in ("video", "image") if k in losses}}
+        return named, batch["video"].shape[0] + batch["image"].shape[0]
 
+
+class JointImageVideo(DiffusionModule):
+    """Text-to-video trained on batches of clips and images (`JointImageVideoDataModule`) with
+    `JointImageVideoLoss` (its weights, then `DiffusionModule`'s arguments; validation samples
+    videos only)."""
+
+    def __init__(self, video_loss_weight: float = 1.0, image_loss_weight: float = 1.0, **diffusion: Any) -> None:
+        super().__init__(objective=JointImageVideoLoss(video_loss_weight, image_loss_weight), **diffusion)

@@ -211,13 +211,3 @@ def score_digit_videos(
         if video_fd and batch_size >= 2 and num_frames == NUM_FRAMES:
             scores["video_fd"] = digit_video_fd(videos, digits, directions)
     return scores
-
-
-def score_digit_prompts(prompts: Sequence[str], videos: Tensor) -> dict[str, float]:
-    """`score_digit_videos` for videos sampled from `prompts` when every prompt is a moving-digit
-    caption; empty otherwise."""
-    parsed = [parse_digit_caption(p) for p in prompts]
-    if not parsed or any(p is None for p in parsed):
-        return {}
-    digits, directions = zip(*parsed)
-    return score_digit_videos(videos, list(digits), list(directions))

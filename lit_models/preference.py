@@ -6,20 +6,24 @@ Batches hold preference pairs (`datamodules/preference_pairs.py`): `win` and `lo
 `trainable` names (full fine-tune when empty); the reference is the frozen base: the same
 network with its LoRA adapters disabled when only LoRA is trained (no second copy in
 memory), else a frozen copy of the base taken before anything was injected.
+
+`PreferenceObjective` is the objective; `DiffusionDPO` the diffusion module fine-tuning with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_models.peft import LoRA, ParameterEfficientFineTuning, adapters_disabled
+from lit_models.lora import LoRA, adapters_disabled
+from lit_models.objectives import Losses, Objective
+from lit_models.peft import ParameterEfficientFineTuning
 
 
 def per_sample_mse(prediction: Tensor, target: Tensor) -> Tensor:
@@ -75,9 +79,11 @@ def epsilon_error_scale(noise_scheduler: Any, timesteps: Tensor, prediction_type
     raise ValueError(f"DPO supports epsilon, v_prediction and flow_prediction targets, not {prediction_type!r}")
 
 
-class DiffusionDPO(ParameterEfficientFineTuning):
+class PreferenceObjective(Objective):
     """Diffusion-DPO on preference pairs (or, with `objective="sft"`, the denoising loss on the
-    winners only: the supervised baseline at equal cost).
+    winners only: the supervised baseline at equal cost). Both clips of a pair go to diffusion
+    space the same way (`module.clean_data(batch, "win" | "lose")`: the VAE's latents for a
+    latent model), conditioned on the shared caption.
 
     Args:
         beta: DPO temperature (official-code convention, see `dpo_loss`).
@@ -85,79 +91,76 @@ class DiffusionDPO(ParameterEfficientFineTuning):
         error_space: "epsilon" measures errors as noise-prediction errors (the paper's formula;
             for a v-prediction model the v error times alpha_t^2), "prediction" in the model's
             own target space (plain v-MSE for v-prediction).
-        **peft: `ParameterEfficientFineTuning` arguments (net, text_encoder, trainable, ...).
     """
 
-    def __init__(self, beta: float = 5000.0, objective: str = "dpo", error_space: str = "epsilon", **peft: Any) -> None:
+    def __init__(self, beta: float = 5000.0, objective: str = "dpo", error_space: str = "epsilon") -> None:
+        super().__init__()
         if objective not in ("dpo", "sft"):
             raise ValueError(f"DiffusionDPO: objective must be 'dpo' or 'sft', got {objective!r}")
         if error_space not in ("epsilon", "prediction"):
             raise ValueError(f"DiffusionDPO: error_space must be 'epsilon' or 'prediction', got {error_space!r}")
-        injectors = list(peft.get("trainable") or [])
-        # A frozen copy of the base, unless the base can be recovered by disabling LoRA.
-        self._lora_only = bool(injectors) and all(isinstance(i, LoRA) for i in injectors)
-        reference = None
-        if objective == "dpo" and not self._lora_only:
-            reference = copy.deepcopy(peft["net"]).requires_grad_(False).eval()
-        super().__init__(**peft)
         self.beta, self.objective, self.error_space = beta, objective, error_space
-        self.reference_net = reference
-        self.min_snr_gamma = None if objective == "dpo" else self.min_snr_gamma
+        self.reference_net: nn.Module | None = None
+
+    def before_injection(self, net: nn.Module, trainable: Sequence[Any] | None) -> None:
+        # A frozen copy of the base, unless the base can be recovered by disabling LoRA.
+        injectors = list(trainable or [])
+        lora_only = bool(injectors) and all(isinstance(i, LoRA) for i in injectors)
+        if self.objective == "dpo" and not lora_only:
+            self.reference_net = copy.deepcopy(net).requires_grad_(False).eval()
+
+    def bind(self, module: Any) -> None:
+        if self.objective == "dpo":
+            module.min_snr_gamma = None  # DPO compares raw errors
+
+    def keep_frozen_in_eval(self) -> None:
+        if self.reference_net is not None:
+            self.reference_net.eval()
 
     @contextlib.contextmanager
-    def reference(self) -> Iterator[nn.Module]:
-        """The reference model: the net with LoRA disabled, or the frozen copy."""
+    def reference(self, net: nn.Module) -> Iterator[nn.Module]:
+        """The reference model: the frozen copy, or `net` with LoRA disabled."""
         if self.reference_net is not None:
             yield self.reference_net
         else:
-            with adapters_disabled(self.net) as net:
-                yield net
+            with adapters_disabled(net) as base:
+                yield base
 
-    def preference_errors(
-        self, win: Tensor, lose: Tensor, conditioning: dict[str, Tensor], generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def preference_errors(self, module: Any, win: Tensor, lose: Tensor, conditioning: dict[str, Tensor],
+                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         """Per-sample errors `(B,)` of model and reference on winners and losers (in diffusion
         space: latents for a latent model)."""
-        timesteps = self.draw_timesteps(win, generator)
+        timesteps = module.draw_timesteps(win, generator)
         noise = torch.randn(win.shape, generator=generator).to(win)  # (B, C, F, H, W)
         x0 = torch.cat([win, lose])  # (2B, C, F, H, W), same noise and t for w and l
         noise2, timesteps2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
-        x_t, target = self.noisy_and_target(x0, noise2, timesteps2)
+        x_t, target = module.noisy_and_target(x0, noise2, timesteps2)
         conditioning2 = {k: torch.cat([v, v]) for k, v in conditioning.items()}
         scale = 1.0
         if self.error_space == "epsilon":
-            scale = epsilon_error_scale(self.noise_scheduler, timesteps2, self.prediction_type)
-        model_err = per_sample_mse(self.net(x_t, timesteps2, **conditioning2), target) * scale
-        with torch.no_grad(), self.reference() as reference:
+            scale = epsilon_error_scale(module.noise_scheduler, timesteps2, module.prediction_type)
+        model_err = per_sample_mse(module.net(x_t, timesteps2, **conditioning2), target) * scale
+        with torch.no_grad(), self.reference(module.net) as reference:
             ref_err = per_sample_mse(reference(x_t, timesteps2, **conditioning2), target) * scale
         return (*model_err.chunk(2), *ref_err.chunk(2))  # type: ignore[return-value]
 
-    def _step(self, batch: dict[str, Any], stage: str, generator: torch.Generator | None) -> Tensor:
-        # Both clips of a pair go to diffusion space (the VAE's latents for a latent model).
-        win, lose = self.encode_data(batch["win"]), self.encode_data(batch["lose"])
-        conditioning = self.condition({"caption": batch["caption"], "video": batch["win"]}, drop=False)
+    def forward(self, module: Any, batch: dict[str, Any], stage: str, generator: torch.Generator | None) -> Losses:
+        win = module.clean_data(batch, "win")  # (B, C, F, H, W) in diffusion space
+        conditioning = module.text_condition(batch, drop=False)
         if self.objective == "sft":
-            loss = self.diffusion_loss(win, conditioning, generator).mean()
-            self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=win.shape[0])
-            return loss
-        errors = self.preference_errors(win, lose, conditioning, generator)
-        loss, stats = dpo_loss(*errors, beta=self.beta)
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=win.shape[0])
-        for name, value in stats.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "implicit_accuracy", batch_size=win.shape[0])
-        return loss
+            return {"loss": module.diffusion_loss(win, conditioning, generator).mean()}, win.shape[0]
+        lose = module.clean_data(batch, "lose")
+        loss, stats = dpo_loss(*self.preference_errors(module, win, lose, conditioning, generator), beta=self.beta)
+        return {"loss": loss, **stats}, win.shape[0]
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._step(batch, "train", None)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._step(batch, "val", torch.Generator().manual_seed(batch_idx))
+class DiffusionDPO(ParameterEfficientFineTuning):
+    """Preference fine-tuning (`PreferenceObjective`: `beta`, `objective`, `error_space`) of a
+    frozen base; `ParameterEfficientFineTuning`'s other arguments, without a control signal
+    (preference pairs carry no control clip)."""
 
-    def score(self, prompts: Any, videos: Tensor) -> dict[str, float]:
-        """The digit metric plus the mean reward the preference data was ranked by."""
-        scores = super().score(prompts, videos)
-        if scores:  # moving-digit prompts
-            from lit_models.rewards import digit_reward
-
-            scores["reward"] = float(digit_reward(videos, list(prompts)).mean())
-        return scores
+    def __init__(self, beta: float = 5000.0, objective: str = "dpo", error_space: str = "epsilon",
+                 control_signal: str | None = None, **peft: Any) -> None:  # fmt: skip
+        if control_signal is not None:
+            raise ValueError("DiffusionDPO: control_signal is not supported (preference pairs carry no control clip)")
+        super().__init__(objective=PreferenceObjective(beta, objective, error_space), **peft)

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from lit_models.diffusion import Conditioning
-from lit_models.text_to_video import TextToVideo
+from lit_models.diffusion import DiffusionModule
+from lit_models.forward_process import Conditioning
+from lit_models.inputs import SamplingRequest, TextOnly
 
 
 def resize_frames(videos: Tensor, size: tuple[int, int]) -> Tensor:
@@ -69,29 +70,34 @@ class LowResConditioning(nn.Module):
         return self.net(torch.cat([x, upsampled], dim=1), timesteps, pooled=pooled + level, **conditioning)
 
 
-class SpatialSuperResolution(TextToVideo):
-    """`TextToVideo` that upsamples a low-res clip by `scale_factor`.
+class LowResFrames(TextOnly):
+    """The input of a super-resolution stage: a low-res clip, upsampled and concatenated to the
+    noisy input (`LowResConditioning`), noised to a random level at training (noise-conditioning
+    augmentation) and to `sample_aug_level` when sampling.
 
     Args:
-        net: the denoiser with `in_channels = 2 * channels` (wrapped here).
         scale_factor: output / input resolution; training clips are downsampled by it.
         max_aug_level: training augmentation levels are uniform in [0, max_aug_level]
             (timesteps of the noise schedule; 0 = clean).
         sample_aug_level: the level applied to the low-res input at sampling.
         val_videos: validation clips upsampled (from the first val batch) and scored.
-        **text_to_video: `TextToVideo` arguments (`video_shape` is the high-res shape).
     """
 
-    def __init__(self, net: nn.Module, scale_factor: int = 2, max_aug_level: int = 250, sample_aug_level: int = 50,
-                 val_videos: int = 8, **text_to_video: Any) -> None:
-        if not isinstance(net, LowResConditioning):
-            net = LowResConditioning(net, pooled_dim=text_to_video["text_encoder"].pooled_dim)
-        super().__init__(net=net, **text_to_video)
+    prompts_alone = False  # nothing to upsample from prompts alone: validation upsamples real clips
+
+    def __init__(self, scale_factor: int = 2, max_aug_level: int = 250, sample_aug_level: int = 50, val_videos: int = 8) -> None:
         if scale_factor < 1:
             raise ValueError(f"scale_factor must be >= 1, got {scale_factor}")
         self.scale_factor = scale_factor
         self.max_aug_level, self.sample_aug_level = max_aug_level, sample_aug_level
         self.val_videos = val_videos
+        self.noise_scheduler: Any = None
+
+    def bind(self, module: Any) -> None:
+        self.noise_scheduler = module.noise_scheduler  # augmentation noises with the diffusion's own schedule
+
+    def wrap_net(self, net: nn.Module, text_encoder: nn.Module | None) -> nn.Module:
+        return net if isinstance(net, LowResConditioning) else LowResConditioning(net, pooled_dim=text_encoder.pooled_dim)
 
     def low_res(self, videos: Tensor) -> Tensor:
         """The training input: `(B, C, F, H, W)` -> `(B, C, F, H / s, W / s)`."""
@@ -103,52 +109,53 @@ class SpatialSuperResolution(TextToVideo):
         return torch.where(levels[:, None, None, None, None] > 0,
                            self.noise_scheduler.add_noise(low_res, noise, levels), low_res)
 
-    def condition(self, batch: dict[str, Any], drop: bool) -> Conditioning:
-        conditioning = super().condition(batch, drop)
-        low_res = self.low_res(self.clean_data(batch))
+    def training(self, module: Any, batch: dict[str, Any], drop: bool) -> Conditioning:
+        low_res = self.low_res(module.clean_data(batch))
         generator = None if drop else torch.Generator().manual_seed(0)  # fixed levels at validation
         levels = torch.randint(0, self.max_aug_level + 1, (low_res.shape[0],), generator=generator).to(low_res.device)
-        return {**conditioning, "low_res": self.augment(low_res, levels, generator), "aug_level": levels}
+        return {"low_res": self.augment(low_res, levels, generator), "aug_level": levels}
+
+    def sampling(self, module: Any, shape: tuple[int, ...], generator: torch.Generator, low_res: Tensor,
+                 aug_level: int | None = None) -> SamplingRequest:  # fmt: skip
+        """Videos `(B, C, F, H * s, W * s)` for low-res videos `low_res` `(B, C, F, H, W)`."""
+        low_res = module.encode_data(low_res.to(module.device))
+        level = self.sample_aug_level if aug_level is None else aug_level
+        levels = torch.full((low_res.shape[0],), level, dtype=torch.long, device=low_res.device)
+        frames = {"low_res": self.augment(low_res, levels, generator), "aug_level": levels}
+        batch, channels, num_frames, height, width = low_res.shape
+        return SamplingRequest((batch, channels, num_frames, height * self.scale_factor, width * self.scale_factor), frames)
+
+    def on_validation_batch(self, module: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        """Upsample the first batch's clips, log PSNR against bilinear, write them side by side;
+        the upsampled videos are the validation samples the metric callbacks score."""
+        if batch_idx != 0 or self.val_videos <= 0 or module.trainer.sanity_checking:
+            return
+        videos = batch["video"][: self.val_videos]
+        prompts = list(batch["caption"][: self.val_videos])
+        upsampled = module.generate(prompts, seed=module.sample_seed, low_res=self.low_res(videos))
+        bilinear = resize_frames(self.low_res(videos), tuple(videos.shape[-2:])).clamp(-1, 1)
+        module.log_dict({"val/sr_psnr": psnr(upsampled, videos), "val/bilinear_psnr": psnr(bilinear, videos)},
+                        batch_size=len(prompts))  # fmt: skip
+        module.validation_samples = (prompts, upsampled)
+        if module.trainer.is_global_zero:
+            module.write_samples(prompts, torch.cat([bilinear, upsampled], dim=-1))  # bilinear | SR side by side
+
+
+class SpatialSuperResolution(DiffusionModule):
+    """A text-to-video model that upsamples a low-res clip by `scale_factor`: `LowResFrames`'
+    arguments, then `DiffusionModule`'s (`video_shape` the high-res shape; the net built with
+    `in_channels = 2 * channels`)."""
+
+    def __init__(self, net: nn.Module, scale_factor: int = 2, max_aug_level: int = 250, sample_aug_level: int = 50,
+                 val_videos: int = 8, **diffusion: Any) -> None:  # fmt: skip
+        inputs = LowResFrames(scale_factor, max_aug_level, sample_aug_level, val_videos)
+        super().__init__(net=net, inputs=inputs, **diffusion)
 
     @torch.no_grad()
     def upsample(self, prompts: Sequence[str], low_res: Tensor, sampler: str | None = None, steps: int | None = None,
                  guidance_scale: float | None = None, seed: int = 0, aug_level: int | None = None) -> Tensor:
         """Videos `(B, C, F, H * s, W * s)` in [-1, 1] for low-res videos `(B, C, F, H, W)`."""
-        low_res = self.encode_data(low_res.to(self.device))
-        generator = torch.Generator().manual_seed(seed)
-        level = self.sample_aug_level if aug_level is None else aug_level
-        levels = torch.full((low_res.shape[0],), level, dtype=torch.long, device=low_res.device)
-        frames = {"low_res": self.augment(low_res, levels, generator), "aug_level": levels}
-        conditioning = {**self.encode_captions(prompts), **frames}
-        unconditioning = {**self.encode_captions([""] * len(prompts)), **frames}
-        batch, channels, num_frames, height, width = low_res.shape
-        shape = (batch, channels, num_frames, height * self.scale_factor, width * self.scale_factor)
-        return self.decode_data(self.sample(shape, conditioning, unconditioning, sampler, steps, guidance_scale, generator))
-
-    def generate(self, prompts: Sequence[str], **sampling: Any) -> Tensor:
-        raise TypeError("SpatialSuperResolution upsamples videos: call upsample(prompts, low_res), or use "
-                        "effvid-sample pipeline=cascade with a base run")
-
-    def on_validation_epoch_start(self) -> None:
-        """Nothing to sample from prompts alone; validation_step upsamples real clips."""
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = super().validation_step(batch, batch_idx)
-        if batch_idx == 0 and self.val_videos > 0 and not self.trainer.sanity_checking:
-            videos = batch["video"][: self.val_videos]
-            prompts = list(batch["caption"][: self.val_videos])
-            upsampled = self.upsample(prompts, self.low_res(videos), seed=self.sample_seed)
-            bilinear = resize_frames(self.low_res(videos), tuple(videos.shape[-2:])).clamp(-1, 1)
-            metrics = {"val/sr_psnr": psnr(upsampled, videos), "val/bilinear_psnr": psnr(bilinear, videos)}
-            metrics.update({f"val/{k}": v for k, v in self.score(prompts, upsampled).items()})
-            self.log_dict(metrics, batch_size=len(prompts))
-            if self.trainer.is_global_zero:
-                self.write_samples(prompts, torch.cat([bilinear, upsampled], dim=-1))  # bilinear | SR side by side
-        return loss
-
-    def score(self, prompts: Sequence[str], videos: Tensor) -> dict[str, float]:
-        """The digit metric at the 16 px the digit classifier reads."""
-        return super().score(prompts, resize_frames(videos, (16, 16)))
+        return self.generate(prompts, sampler, steps, guidance_scale, seed, low_res=low_res, aug_level=aug_level)
 
 
 def psnr(videos: Tensor, reference: Tensor) -> float:

@@ -14,7 +14,6 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from data_tools.video_io import write_mp4
-from lit_models.metrics import score_digit_prompts
 
 
 def to_uint8_frames(videos: Tensor, scale: int = 1) -> np.ndarray:
@@ -72,26 +71,25 @@ def save_samples(
 class ValidationSamples:
     """Validation samples for a LightningModule with `generate(prompts, seed=...)`, `val_prompts`,
     `val_samples_per_prompt`, `sample_seed` and `sample_fps`: drawn at the start of each
-    validation, scored with the digit metric when the prompts are moving-digit captions, written
-    to `samples/step_N/` and logged to W&B."""
+    validation, written to `samples/step_N/`, logged to W&B and kept in `validation_samples`
+    (prompts, videos) for validation callbacks that score them (`lit_models/digit_scores.py`)."""
+
+    validation_samples: tuple[list[str], Tensor] | None = None
 
     def on_validation_epoch_start(self) -> None:
         # Sample here, not at epoch end: Lightning runs callback hooks before the module's,
         # so EMAWeightAveraging has swapped the averaged weights in by now and swaps them back
         # out before the module's on_validation_epoch_end. Samples then come from the same
         # (EMA) weights that checkpoints hold and effvid-sample loads.
-        if not self.val_prompts or self.trainer.sanity_checking:
+        self.validation_samples = None
+        inputs = getattr(self, "inputs", None)  # a paradigm whose inputs need more than prompts samples elsewhere
+        if not self.val_prompts or self.trainer.sanity_checking or not getattr(inputs, "prompts_alone", True):
             return
         prompts = [p for p in self.val_prompts for _ in range(self.val_samples_per_prompt)]
         videos = self.generate(prompts, seed=self.sample_seed)
-        for name, value in self.score(prompts, videos).items():
-            self.log(f"val/{name}", value)
+        self.validation_samples = (prompts, videos)
         if self.trainer.is_global_zero:
             self.write_samples(prompts, videos)
-
-    def score(self, prompts: Sequence[str], videos: Tensor) -> dict[str, float]:
-        """Digit metric when every prompt is a moving-digit caption, else nothing."""
-        return score_digit_prompts(prompts, videos)
 
     def write_samples(self, prompts: Sequence[str], videos: Tensor) -> None:
         out_dir = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:06d}"

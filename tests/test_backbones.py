@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from lit_models.diffusion import build_net
 from tests.conftest import compose_config
 
 TEXT_WIDTH = 16
@@ -40,8 +41,9 @@ def tiny_backbone(name: str) -> torch.nn.Module:
         "paradigm.text_encoder.text_cfg.context_length=6", *TINY[name],
     ]  # fmt: skip
     cfg = compose_config(overrides)
+    text_encoder = instantiate(cfg.paradigm.text_encoder)
     torch.manual_seed(0)
-    return instantiate(cfg.model)
+    return build_net(instantiate(cfg.model), text_encoder)  # a factory's widths come from the text encoder
 
 
 def inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

@@ -55,14 +55,14 @@ def test_low_res_input_reaches_the_net_and_the_level_embedding_starts_at_zero():
 def test_noise_conditioning_augmentation_noises_by_level_and_leaves_level_zero_clean():
     model = tiny_sr()
     low = torch.rand(3, 1, 4, 8, 8) * 2 - 1
-    augmented = model.augment(low, torch.tensor([0, 100, 900]), torch.Generator().manual_seed(0))
+    augmented = model.inputs.augment(low, torch.tensor([0, 100, 900]), torch.Generator().manual_seed(0))
     torch.testing.assert_close(augmented[0], low[0], rtol=0, atol=0)
     errors = [(augmented[i] - low[i]).pow(2).mean().item() for i in (1, 2)]
     assert 0 < errors[0] < errors[1]  # more noise at the higher level
     batch = {"video": torch.rand(4, 1, 4, 16, 16) * 2 - 1, "caption": ["a handwritten 3 moving up"] * 4}
     conditioning = model.condition(batch, drop=False)
     assert conditioning["low_res"].shape == (4, 1, 4, 8, 8)
-    assert conditioning["aug_level"].min() >= 0 and conditioning["aug_level"].max() <= model.max_aug_level
+    assert conditioning["aug_level"].min() >= 0 and conditioning["aug_level"].max() <= model.inputs.max_aug_level
 
 
 def test_super_resolution_stage_learns_to_use_the_low_res_clip():
@@ -127,3 +127,16 @@ def test_sampling_cache_interval_one_is_exact_and_wrong_kind_is_named():
     with pytest.raises(ValueError, match="needs a diffusers transformer backbone"):
         with sampling_cache(model, "first_block"):
             pass
+
+
+def test_super_resolution_generate_upsamples_the_given_low_res_clip():
+    model = tiny_sr()
+    randomise_zero_layers(model.net.net)
+    prompts = ["a handwritten 6 moving up", "a handwritten 2 moving left"]
+    low = torch.rand(2, 1, 4, 8, 8) * 2 - 1
+    videos = model.generate(prompts, steps=2, seed=3, low_res=low)
+    assert videos.shape == (2, 1, 4, 16, 16)  # scale_factor 2, whatever video_shape says
+    torch.testing.assert_close(videos, model.upsample(prompts, low, steps=2, seed=3), rtol=0, atol=0)
+    assert not torch.allclose(model.generate(prompts, steps=2, seed=3, low_res=low.flip(0)), videos)  # it follows the clip
+    with pytest.raises(TypeError, match="low_res"):
+        model.generate(prompts, steps=2)

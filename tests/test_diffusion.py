@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from data_tools.video_io import decode_mp4
-from lit_models.diffusion import min_snr_weights
+from lit_models.forward_process import min_snr_weights
 from lit_models.samplers import SAMPLERS
 from lit_models.video_logging import save_samples
 from tests.conftest import compose_config, tiny_overrides

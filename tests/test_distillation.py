@@ -37,15 +37,15 @@ def teacher_checkpoint(digits_data_root: Path, tmp_path_factory: pytest.TempPath
 @torch.no_grad()
 def test_progressive_target_is_two_teacher_ddim_steps(digits_data_root: Path, tmp_path: Path, teacher_checkpoint: Path, start: int) -> None:
     student, _ = tiny_student(digits_data_root, tmp_path, "progressive_distillation", teacher_checkpoint)
-    assert isinstance(student, ProgressiveDistillation) and student.student_steps == 4
+    assert isinstance(student, ProgressiveDistillation) and student.objective.student_steps == 4
     teacher_state = torch.load(teacher_checkpoint, weights_only=True)["state_dict"]
-    assert torch.equal(student.teacher.conv_out.weight, teacher_state["net.conv_out.weight"])
+    assert torch.equal(student.objective.teacher.conv_out.weight, teacher_state["net.conv_out.weight"])
     prompts = ["a handwritten 5 moving up", "a handwritten 0 moving left"]
     cond, uncond = student.encode_captions(prompts), student.encode_captions([""] * 2)
     x_t = torch.randn(2, 1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.full((2,), start)
 
-    target = student.student_target(x_t, t, cond, uncond)
+    target = student.objective.student_target(x_t, t, cond, uncond)
 
     # Independently, with diffusers: one 4-step DDIM step on the target vs two 8-step teacher
     # steps; the `ddim_trailing` sampler, which the students sample with.
@@ -56,8 +56,8 @@ def test_progressive_target_is_two_teacher_ddim_steps(digits_data_root: Path, tm
 
     def teacher(x: torch.Tensor, step: int) -> torch.Tensor:
         both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-        out_uncond, out_cond = student.teacher(torch.cat([x, x]), torch.full((4,), step), **both).chunk(2)
-        return out_uncond + student.teacher_guidance * (out_cond - out_uncond)
+        out_uncond, out_cond = student.objective.teacher(torch.cat([x, x]), torch.full((4,), step), **both).chunk(2)
+        return out_uncond + student.objective.teacher_guidance * (out_cond - out_uncond)
 
     one_student_step = ddim(4).step(target, start, x_t).prev_sample
     teacher_ddim = ddim(8)
@@ -75,9 +75,9 @@ def test_consistency_function_is_the_identity_at_the_smallest_t(digits_data_root
             p.add_(0.05 * torch.randn_like(p))
     x = torch.randn(2, 1, 4, 16, 16)
     cond = student.encode_captions(["a handwritten 1 moving down"] * 2)
-    at_zero = student.consistency_function(student.net, x, torch.zeros(2, dtype=torch.long), cond)
+    at_zero = student.objective.consistency_function(student.net, x, torch.zeros(2, dtype=torch.long), cond)
     assert torch.allclose(at_zero, x, atol=1e-6)
-    assert not torch.allclose(student.consistency_function(student.net, x, torch.full((2,), 499), cond), x, atol=1e-2)
+    assert not torch.allclose(student.objective.consistency_function(student.net, x, torch.full((2,), 499), cond), x, atol=1e-2)
     # The scalings are the ones diffusers' LCMScheduler samples with.
     lcm = LCMScheduler.from_config(student.noise_scheduler.config)
     for t in (0, 19, 499, 999):
@@ -89,19 +89,19 @@ def test_consistency_function_is_the_identity_at_the_smallest_t(digits_data_root
 def test_phased_consistency_function_nears_the_identity_at_phase_edges_and_samples_with_ddim(digits_data_root: Path, tmp_path: Path, teacher_checkpoint: Path) -> None:
     student, _ = tiny_student(digits_data_root, tmp_path, "phased_consistency_distillation", teacher_checkpoint)
     assert isinstance(student, PhasedConsistencyDistillation) and student.sample_steps == 4
-    assert student.phase_edge(torch.tensor([999, 750, 749, 500, 274, 249, 24])).tolist() == [749, 749, 499, 499, 249, -1, -1]
+    assert student.objective.phase_edge(torch.tensor([999, 750, 749, 500, 274, 249, 24])).tolist() == [749, 749, 499, 499, 249, -1, -1]
     x = torch.randn(2, 1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = student.encode_captions(["a handwritten 1 moving down"] * 2)
     for edge in (-1, 249, 499, 749):  # just above an edge the map moves x a step's worth, at the top a phase's
-        near = (student.consistency_function(student.net, x, torch.full((2,), edge + 1), cond) - x).abs().mean()
-        far = (student.consistency_function(student.net, x, torch.full((2,), edge + 250), cond) - x).abs().mean()
+        near = (student.objective.consistency_function(student.net, x, torch.full((2,), edge + 1), cond) - x).abs().mean()
+        far = (student.objective.consistency_function(student.net, x, torch.full((2,), edge + 250), cond) - x).abs().mean()
         assert near < 0.05 * far, (edge, near, far)
 
     # A teacher step landing on the phase edge is the target itself, else the EMA target's map.
     x_previous = torch.randn_like(x)
-    target = student.consistency_target(x_previous, torch.tensor([499, 474]), torch.tensor([524, 499]), cond)
+    target = student.objective.consistency_target(x_previous, torch.tensor([499, 474]), torch.tensor([524, 499]), cond)
     assert torch.equal(target[0], x_previous[0])
-    assert torch.allclose(target[1], student.consistency_function(student.target_net, x_previous, torch.tensor([474, 474]), cond)[1])
+    assert torch.allclose(target[1], student.objective.consistency_function(student.objective.target_net, x_previous, torch.tensor([474, 474]), cond)[1])
 
     # Sampling with diffusers' `ddim_trailing` in 4 steps chains the consistency function edge to edge.
     scheduler = make_sampler("ddim_trailing", student.noise_scheduler)
@@ -110,7 +110,7 @@ def test_phased_consistency_function_nears_the_identity_at_phase_edges_and_sampl
     for t in scheduler.timesteps:
         t_batch = torch.full((2,), int(t))
         sampled = scheduler.step(student.net(sampled, t_batch, **cond), t, sampled).prev_sample
-        chained = student.consistency_function(student.net, chained, t_batch, cond)
+        chained = student.objective.consistency_function(student.net, chained, t_batch, cond)
     assert torch.allclose(sampled, chained, atol=1e-5), (sampled - chained).abs().max()
 
 
@@ -120,7 +120,7 @@ def test_distillation_trains_only_the_student(digits_data_root: Path, tmp_path: 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     batch = next(iter(datamodule.val_dataloader()))
-    teacher_before = [p.clone() for p in student.teacher.parameters()]
+    teacher_before = [p.clone() for p in student.objective.teacher.parameters()]
     optimizer = student.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -132,13 +132,27 @@ def test_distillation_trains_only_the_student(digits_data_root: Path, tmp_path: 
     with torch.no_grad():  # stands in for an optimizer step (the warm-up LR is 0 at step 0)
         for p in student.net.parameters():
             p.add_(p.grad.sign() * 1e-3 if p.grad is not None else 0)
-    assert all(torch.equal(a, b) for a, b in zip(teacher_before, student.teacher.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, student.objective.teacher.parameters()))
     if isinstance(student, ConsistencyDistillation):  # the EMA target moves towards the student
-        before = [p.clone() for p in student.target_net.parameters()]
+        before = [p.clone() for p in student.objective.target_net.parameters()]
         student.on_train_batch_end(None, batch, 0)
-        assert any(not torch.equal(a, b) for a, b in zip(before, student.target_net.parameters()))
+        assert any(not torch.equal(a, b) for a, b in zip(before, student.objective.target_net.parameters()))
 
 
 def test_a_wrong_teacher_checkpoint_names_the_problem(digits_data_root: Path, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="teacher_checkpoint"):
         tiny_student(digits_data_root, tmp_path, "progressive_distillation", tmp_path / "missing.ckpt")
+
+
+def test_a_student_checkpoint_from_before_objectives_loads(digits_data_root: Path, tmp_path: Path) -> None:
+    # The teacher and the EMA target moved into the objective (`objective.teacher.*`); a checkpoint
+    # written when they were the module's own (`teacher.*`, `target_net.*`) still loads whole.
+    student, _ = tiny_student(digits_data_root, tmp_path, "consistency_distillation")
+    with torch.no_grad():
+        for p in student.objective.parameters():
+            p.add_(1.0)
+    old = {k.removeprefix("objective."): v.clone() for k, v in student.state_dict().items()}
+    assert any(k.startswith("teacher.") for k in old) and any(k.startswith("target_net.") for k in old)
+    fresh, _ = tiny_student(digits_data_root, tmp_path, "consistency_distillation")
+    fresh.load_state_dict(old)  # strict
+    assert all(torch.equal(a, b) for a, b in zip(fresh.objective.parameters(), student.objective.parameters()))

@@ -74,3 +74,23 @@ def test_latent_option_composes_onto_a_system_and_diffuses_latents():
     assert module.net.conv_in.in_channels == 4
     videos = module.generate(["a handwritten 3 moving up"], steps=1, num_frames=2)
     assert videos.shape == (1, 1, 2, 16, 16)
+
+
+NET_SIZES = {"factorized_unet": ["model.channels=[8,16,16]"], "dit": ["model.dim=16", "model.depth=1"],
+             "latte": ["model.config.num_layers=1", "model.config.attention_head_dim=8", "model.config.cross_attention_dim=32"]}
+
+
+@pytest.mark.parametrize("model", list(NET_SIZES))
+def test_the_net_takes_its_widths_from_whatever_text_encoder_the_paradigm_builds(model):
+    # A text encoder without `text_cfg` (here the digit-label control; a pretrained open_clip tower
+    # by name is the same case) used to break `context_dim: ${paradigm.text_encoder.text_cfg.width}`.
+    overrides = [f"model={model}", "paradigm/text_encoder=digit_labels", "paradigm.text_encoder.width=24",
+                 "paradigm.text_encoder.embed_dim=12", "data.num_frames=4"]
+    overrides += NET_SIZES[model]
+    with initialize_config_module("experiments.conf", version_base="1.3"):
+        cfg = compose("train", ["run_id=test", *overrides])
+    module = instantiate(cfg.paradigm, net=instantiate(cfg.model))
+    conditioning = module.encode_captions(["a handwritten 3 moving up", "a handwritten 5 moving left"])
+    assert conditioning["context"].shape[-1] == 24 and conditioning["pooled"].shape[-1] == 12
+    x = torch.randn(2, 1, 4, 16, 16)
+    assert module.net(x, torch.tensor([10, 900]), **conditioning).shape == x.shape

@@ -127,7 +127,7 @@ def mixed_batch(clips: int, images: int) -> dict:
 def test_joint_batch_appends_images_to_clips_with_filler_weighted_zero():
     module = tiny_joint()
     batch = mixed_batch(clips=2, images=3)
-    x0, image_frames, weights, captions = module.arrange(batch)
+    x0, image_frames, weights, captions = module.objective.arrange(batch)
     assert x0.shape == (2, 1, 6, 8, 8)  # 4 frames + ceil(3 / 2) images per clip
     assert image_frames.tolist() == [[False] * 4 + [True] * 2] * 2
     assert weights[:, 4:].tolist() == [[1.0, 1.0], [1.0, 0.0]]  # the 4th image slot repeats image 0
@@ -139,18 +139,18 @@ def test_joint_batch_without_images_is_the_clips_alone():
     # With image_ratio 0.25 and 20 samples, 0.3 % of batches hold no image: one in a run.
     module = tiny_joint()
     batch = mixed_batch(clips=3, images=0)
-    x0, image_frames, weights, captions = module.arrange(batch)
+    x0, image_frames, weights, captions = module.objective.arrange(batch)
     torch.testing.assert_close(x0, batch["video"])
     assert not image_frames.any() and weights.eq(1).all()
     assert captions[2] == ["a handwritten 2 moving up"] * 4
-    losses = module.joint_loss(batch, drop=False)
+    losses = module.objective.joint_loss(module, batch, drop=False)
     assert "image" not in losses and torch.isfinite(losses["loss"])
 
 
 def test_image_loss_trains_spatial_layers_only_and_weights_combine():
     module = tiny_joint()
     batch = mixed_batch(clips=2, images=4)
-    losses = module.joint_loss(batch, drop=False, generator=torch.Generator().manual_seed(0))
+    losses = module.objective.joint_loss(module, batch, drop=False, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(losses["loss"], losses["video"] + 0.5 * losses["image"])
 
     module.zero_grad()
@@ -160,5 +160,5 @@ def test_image_loss_trains_spatial_layers_only_and_weights_combine():
     assert all(g is None or g.abs().max() == 0 for g in temporal)  # images never pass through them
     assert any(g is not None and g.abs().max() > 0 for g in spatial)
 
-    only_images = module.joint_loss(mixed_batch(clips=0, images=3), drop=True)
+    only_images = module.objective.joint_loss(module, mixed_batch(clips=0, images=3), drop=True)
     assert "video" not in only_images and only_images["loss"] > 0

@@ -19,12 +19,8 @@ from lit_models.peft import (
     ParameterEfficientFineTuning,
     SimDAAdapters,
     TrainOnly,
-    adapters_disabled,
-    export_lora,
-    import_lora,
-    merge_lora,
-    unmerge_lora,
 )
+from lit_models.lora import adapters_disabled, export_lora, import_lora, merge_lora, unmerge_lora
 
 TEXT_CFG = {"width": 16, "layers": 1, "heads": 2, "context_length": 8, "vocab_size": 49408}
 
@@ -159,7 +155,7 @@ def test_motion_module_on_a_from_pretrained_image_unet(tmp_path) -> None:
     from diffusers import UNet2DConditionModel
 
     from lit_models.nets.diffusers_video import DiffusersFrameUNet
-    from lit_models.peft import save_motion_adapter
+    from lit_models.injectors import save_motion_adapter
 
     folder = tiny_diffusers_unet(tmp_path)
     base = DiffusersFrameUNet(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))

@@ -89,7 +89,7 @@ def pair_batch() -> dict:
 def test_dpo_with_lora_uses_the_adapter_disabled_net_as_the_base_reference() -> None:
     base = tiny_net()
     module = dpo_module(copy.deepcopy(base), [LoRA(rank=2, alpha=2)])
-    assert module.reference_net is None  # no second copy in memory
+    assert module.objective.reference_net is None  # no second copy in memory
     data = pair_batch()
     x, t = data["win"], torch.tensor([10, 60])
     conditioning = module.condition({"caption": PROMPTS, "video": x}, drop=False)
@@ -104,7 +104,7 @@ def test_dpo_with_lora_uses_the_adapter_disabled_net_as_the_base_reference() -> 
     assert changed and all("lora_" in k for k in changed)
 
     assert not torch.equal(module.net(x, t, **conditioning), base(x, t, **conditioning))
-    with module.reference() as reference:
+    with module.objective.reference(module.net) as reference:
         assert torch.equal(reference(x, t, **conditioning), base(x, t, **conditioning))
     assert module._step(data, "train", torch.Generator().manual_seed(0)).item() < math.log(2)
 
@@ -112,11 +112,11 @@ def test_dpo_with_lora_uses_the_adapter_disabled_net_as_the_base_reference() -> 
 def test_full_fine_tune_dpo_keeps_a_frozen_reference_out_of_the_checkpoint_and_sft_runs() -> None:
     base = tiny_net()
     module = dpo_module(copy.deepcopy(base), [])
-    assert module.reference_net is not None and not any(p.requires_grad for p in module.reference_net.parameters())
+    assert module.objective.reference_net is not None and not any(p.requires_grad for p in module.objective.reference_net.parameters())
     assert not any(k.startswith("reference_net.") for k in module.state_dict())
     assert any(k.startswith("net.") for k in module.state_dict())
     sft = dpo_module(copy.deepcopy(base), [LoRA(rank=2, alpha=2)], objective="sft")
-    assert sft.reference_net is None
+    assert sft.objective.reference_net is None
     assert torch.isfinite(sft._step(pair_batch(), "train", None))
 
 

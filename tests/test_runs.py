@@ -1,15 +1,18 @@
-"""effvid-runs over real W&B offline runs made here, logged the way Lightning's WandbLogger does."""
+"""effvid-runs over runs' metrics.jsonl, written by the logger effvid-train uses
+(experiments/metrics_log.py), called the way Lightning calls it, a kill and a resume included."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import time
+import sys
 from pathlib import Path
 
 import pytest
 
 from experiments import runs as runs_cli
+from experiments.metrics_log import MetricsFileLogger
 from experiments.run_history import (
     STEP_KEY,
     TIME_KEY,
@@ -19,6 +22,7 @@ from experiments.run_history import (
     get_run,
     load_history,
     lower_is_better,
+    read_metrics_file,
     summarize,
 )
 
@@ -28,27 +32,30 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # so a swapped min/max rule or "best = last" shows up.
 A_LOSS = {0: 1.0, 10: 0.5, 20: 0.25, 30: 0.3}
 A_ACC = {10: 0.7, 30: 0.6}
-# run B: crashed after step 30, resumed from the checkpoint at step 20: steps 20 and 30 re-logged.
+# run B: killed after logging step 30, resumed from its checkpoint at step 20: the resumed process
+# logs steps 20 and 30 again (Lightning logs the loss of step k+1 at step k).
 B_SEGMENT_1 = {"loss": {0: 2.0, 10: 1.5, 20: 1.2, 30: 1.0}, "acc": {30: 0.5}}
 B_SEGMENT_2 = {"loss": {20: 0.8, 30: 0.6, 40: 0.4}, "acc": {40: 0.65}}
+B_RESUMED_FROM = 20
 
 
-def _log_segment(run_dir: Path, run_id: str, loss: dict[int, float], acc: dict[int, float]) -> None:
-    """One W&B offline segment, logged like Lightning's WandbLogger: no explicit W&B step (so an
-    offline resume restarts `_step` at 0), `trainer/global_step` in every record."""
-    import wandb
-
-    run = wandb.init(mode="offline", dir=run_dir, id=run_id, project="effvid", resume="allow")
-    run.define_metric("trainer/global_step")
-    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+def _log_segment(run_dir: Path, loss: dict[int, float], acc: dict[int, float], resume_step: int | None = None,
+                 killed: bool = False) -> MetricsFileLogger:
+    """One process's logging, as Lightning calls the logger: a train log and a separate
+    validation log at the same step. A killed process never finalizes, and was cut short in
+    the middle of writing a row."""
+    logger = MetricsFileLogger(run_dir, resume_step=resume_step)
     for step in sorted(set(loss) | set(acc)):
         if step in loss:
-            run.log({"train/loss": loss[step], "epoch": 0, "trainer/global_step": step})
-        if step in acc:  # validation: a separate log call at the same global step
-            run.log({"val/digit_accuracy": acc[step], "trainer/global_step": step})
-    wandb.finish()
-    # offline-run folders are named to the second: make the next segment's name differ
-    time.sleep(1.01 - time.time() % 1.0)
+            logger.log_metrics({"train/loss": loss[step], "epoch": 0}, step=step)
+        if step in acc:
+            logger.log_metrics({"val/digit_accuracy": acc[step], "epoch": 0}, step=step)
+    if killed:  # left open (a close would flush what the logger failed to); kill -9 leaves half a row
+        with open(run_dir / "metrics.jsonl", "a") as file:
+            file.write('{"step": 40, "train/lo')
+    else:
+        logger.finalize("success")
+    return logger
 
 
 def _write_run_files(run_dir: Path, run_id: str, lr: float, status: str, created: str, step: int) -> None:
@@ -66,33 +73,57 @@ def _write_run_files(run_dir: Path, run_id: str, lr: float, status: str, created
 
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("effvid-runs")
-    runs = root / "runs"
+    runs = tmp_path_factory.mktemp("effvid-runs") / "runs"
+    clock = itertools.count(start=100.0, step=1.5)  # each reading of the clock: 1.5 s later
     with pytest.MonkeyPatch.context() as mp:
-        for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(root),
-                           "WANDB_CONFIG_DIR": str(root / "wandb-config"),
-                           "WANDB_CACHE_DIR": str(root / "wandb-cache")}.items():
-            mp.setenv(var, value)
+        mp.setattr("experiments.metrics_log.time.monotonic", lambda: next(clock))
         _write_run_files(runs / "aaa11111", "aaa11111", 0.001, "completed", "2025-01-01T10:00:00", 30)
-        _log_segment(runs / "aaa11111", "aaa11111", A_LOSS, A_ACC)
+        _log_segment(runs / "aaa11111", A_LOSS, A_ACC)
         _write_run_files(runs / "bbb22222", "bbb22222", 0.002, "running", "2025-01-02T10:00:00", 40)
-        _log_segment(runs / "bbb22222", "bbb22222", B_SEGMENT_1["loss"], B_SEGMENT_1["acc"])
-        _log_segment(runs / "bbb22222", "bbb22222", B_SEGMENT_2["loss"], B_SEGMENT_2["acc"])
+        killed = _log_segment(runs / "bbb22222", B_SEGMENT_1["loss"], B_SEGMENT_1["acc"], killed=True)
+        _log_segment(runs / "bbb22222", B_SEGMENT_2["loss"], B_SEGMENT_2["acc"], resume_step=B_RESUMED_FROM)
+        killed._file.close()  # noqa: SLF001 - what the OS does for a killed process
     (runs / "notes").mkdir()  # a folder without run.json is not a run
     return runs
 
 
-def test_resumed_run_reads_as_one_history_with_the_later_segment_winning(runs_dir: Path) -> None:
-    assert len(list((runs_dir / "bbb22222" / "wandb").glob("offline-run-*-bbb22222"))) == 2
-    history = load_history(runs_dir / "bbb22222")
+def test_resumed_run_reads_as_one_history_without_the_killed_process_steps(runs_dir: Path) -> None:
+    # the file itself holds each step the run kept once: the killed process's rows at and past
+    # the checkpoint (and its half-written row) are gone, not merely hidden by the reader
+    rows = read_metrics_file(runs_dir / "bbb22222" / "metrics.jsonl")
+    assert [(row["step"], row.get("train/loss")) for row in rows if "train/loss" in row] == [
+        (0, 2.0), (10, 1.5), (20, 0.8), (30, 0.6), (40, 0.4)]
+    assert [row["step"] for row in rows if "val/digit_accuracy" in row] == [40]
 
+    history = load_history(runs_dir / "bbb22222")
     assert [row[STEP_KEY] for row in history] == [0, 10, 20, 30, 40]
     assert {row[STEP_KEY]: row["train/loss"] for row in history} == {0: 2.0, 10: 1.5, 20: 0.8, 30: 0.6, 40: 0.4}
-    # step 30 was re-run: the first segment's accuracy there belongs to the abandoned run
+    # step 30 was re-run: the killed process's accuracy there belongs to the abandoned run
     assert {row[STEP_KEY]: row["val/digit_accuracy"] for row in history if "val/digit_accuracy" in row} == {40: 0.65}
-    # training time keeps counting across the resume (W&B restarts _runtime at 0 offline)
+    # training time continues from the last kept row (step 10) instead of restarting at 0
     elapsed = [row[TIME_KEY] for row in history]
-    assert elapsed == sorted(elapsed) and elapsed[-1] > elapsed[1]
+    assert elapsed == sorted(elapsed) and len(set(elapsed)) == len(elapsed) and elapsed[2] > elapsed[1]
+
+
+def test_a_resume_from_a_checkpoint_of_unknown_step_cuts_where_it_starts_logging(tmp_path: Path) -> None:
+    _log_segment(tmp_path, {0: 1.0, 1: 0.9, 2: 0.8}, {})
+    _log_segment(tmp_path, {1: 0.5}, {}, resume_step=sys.maxsize)  # what effvid-train passes then
+    assert [(row["step"], row["train/loss"]) for row in read_metrics_file(tmp_path / "metrics.jsonl")] == [
+        (0, 1.0), (1, 0.5)]
+
+
+def test_a_torn_row_mid_file_is_left_out_by_name_and_a_run_from_before_metrics_files_is_named(
+        tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "train/loss": 1.0}\n{"step": 1, "train/lo\n{"step": 2, "train/loss": NaN}\n')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:2: unreadable row"):
+        history = load_history(tmp_path)
+    assert [row[STEP_KEY] for row in history] == [0, 2] and math.isnan(history[1]["train/loss"])
+
+    old = tmp_path / "old-run"
+    (old / "wandb").mkdir(parents=True)
+    with pytest.warns(UserWarning, match=r"run old-run has no metrics.jsonl .*--online"):
+        assert load_history(old) == []
 
 
 def test_one_segment_history_merges_train_and_val_logs_of_a_step(runs_dir: Path) -> None:
@@ -224,7 +255,7 @@ def test_compare_selects_runs_by_group_and_tag_and_plots_step_and_time(runs_dir:
 def test_compare_online_selects_by_group_and_tag_through_the_wandb_api(monkeypatch) -> None:
     import wandb
 
-    from experiments.run_history import select_online_runs
+    from experiments.wandb_history import select_online_runs
 
     asked = []
 
@@ -236,3 +267,37 @@ def test_compare_online_selects_by_group_and_tag_through_the_wandb_api(monkeypat
     monkeypatch.setattr(wandb, "Api", FakeApi)
     assert select_online_runs("team/effvid", "sweep-1", ["lr"]) == ["r1", "r2"]
     assert asked == [("team/effvid", {"group": "sweep-1", "tags": {"$all": ["lr"]}})]
+
+
+def test_online_history_is_read_through_the_wandb_api_by_lightning_step(monkeypatch) -> None:
+    import wandb
+
+    from experiments.wandb_history import online_history_and_config
+
+    # scan_history as the server returns a resumed Lightning run: W&B's own _step runs on, one
+    # row per log call (train and validation at one global step), NaN as a string, media as dicts
+    server_rows = [
+        {"_step": 0, "_runtime": 1.0, "trainer/global_step": 0, "train/loss": 1.0, "epoch": 0},
+        {"_step": 1, "_runtime": 2.0, "trainer/global_step": 10, "train/loss": 0.5, "epoch": 0},
+        {"_step": 2, "_runtime": 2.5, "trainer/global_step": 10, "val/digit_accuracy": 0.7,
+         "samples/grid": {"_type": "image-file", "path": "x.png"}},
+        {"_step": 3, "_runtime": 9.0, "trainer/global_step": 20, "train/loss": "NaN", "val/digit_accuracy": None},
+        {"_step": 4, "_runtime": 9.5, "train/loss": 0.1},  # logged outside Lightning: no global step
+    ]
+    asked = []
+
+    class FakeApi:
+        def run(self, path):
+            asked.append(path)
+            return type("Run", (), {"scan_history": lambda self: iter(server_rows),
+                                    "config": {"optim": {"lr": 0.001}}})()
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    history, config = online_history_and_config("team/effvid", "r1")
+    assert asked == ["team/effvid/r1"] and config == {"optim.lr": 0.001}
+    assert [row[STEP_KEY] for row in history] == [0, 10, 20]
+    assert history[1]["train/loss"] == 0.5 and history[1]["val/digit_accuracy"] == 0.7
+    assert "samples/grid" not in history[1] and history[1][TIME_KEY] == 2.5
+    assert math.isnan(history[2]["train/loss"]) and history[2][TIME_KEY] == 9.0
+    assert summarize(history, ["train/loss"])["train/loss"] == {"last": history[2]["train/loss"], "last_step": 20,
+                                                                "best": 0.5, "best_step": 10}

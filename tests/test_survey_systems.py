@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_models.diffusion import decomposed_noise
+from lit_models.forward_process import decomposed_noise
 
 
 # --- VideoFusion: decomposed noise ------------------------------------------------------------
@@ -226,7 +226,7 @@ def i2v_module(**kwargs):
 def test_i2v_adapter_starts_as_the_base_bit_exact_and_trains_only_its_branch():
     from tests.test_peft import batch, full_state, one_step
 
-    from lit_models.diffusion import split_clean_frames
+    from lit_models.forward_process import split_clean_frames
 
     base, module = i2v_module()
     data = batch(frames=3)
@@ -242,7 +242,7 @@ def test_i2v_adapter_starts_as_the_base_bit_exact_and_trains_only_its_branch():
 
 
 def test_i2v_branch_reads_the_first_frame_and_clean_frames_leave_the_loss():
-    from lit_models.diffusion import CLEAN_FRAMES, CLEAN_MASK
+    from lit_models.forward_process import CLEAN_FRAMES, CLEAN_MASK
     from lit_models.nets.layers import Attention
 
     _, module = i2v_module()
@@ -277,9 +277,9 @@ def test_generate_from_image_keeps_the_first_frame_and_the_prior_is_plain_noise_
     assert videos.shape == (2, 1, 3, 8, 8) and torch.allclose(videos[:, :, 0], images)
     first, shape = images[:, :, None], (2, 1, 3, 8, 8)
     plain = module.draw_noise(shape, torch.Generator().manual_seed(5))
-    assert torch.equal(module.frame_similarity_noise(first, shape, torch.Generator().manual_seed(5)), plain)
-    module.prior_strength = 1.0
-    prior = module.frame_similarity_noise(first, shape, torch.Generator().manual_seed(5))
+    assert torch.equal(module.inputs.frame_similarity_noise(module, first, shape, torch.Generator().manual_seed(5)), plain)
+    module.inputs.prior_strength = 1.0
+    prior = module.inputs.frame_similarity_noise(module, first, shape, torch.Generator().manual_seed(5))
     assert torch.equal(prior, prior[:, :, :1].expand_as(prior))  # every frame starts from the noised image
     assert torch.corrcoef(torch.stack([prior[:, :, 0].flatten(), first.flatten()]))[0, 1] > 0.2
 

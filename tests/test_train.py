@@ -12,6 +12,7 @@ from hydra.errors import ConfigCompositionException
 
 from data_tools.video_io import decode_mp4
 from experiments.run_dir import RunError
+from experiments.run_history import read_metrics_file
 from experiments.train import prepare_argv, run_training
 from tests.conftest import cli, compose_config, tiny_overrides
 
@@ -45,6 +46,9 @@ def test_a_run_leaves_config_checkpoints_samples_and_a_wandb_run(runs: Path) -> 
     assert (run / "samples" / "step_000004" / "grid.png").exists()
     assert len(list((run / "samples" / "step_000004").glob("*.mp4"))) == 10
     assert list(run.glob("wandb/offline-run-*-a/run-a.wandb"))
+    rows = read_metrics_file(run / "metrics.jsonl")
+    assert [row["step"] for row in rows if "train/loss" in row] == [0, 1, 2, 3]
+    assert [row["step"] for row in rows if "val/loss" in row] == [1, 3]  # validation after steps 2 and 4
     assert (run / "config.yaml").exists()
 
 
@@ -64,10 +68,9 @@ def test_resume_continues_step_optimizer_and_wandb_run(runs: Path, digits_data_r
     status = json.loads((runs / "a" / "run.json").read_text())
     assert status["status"] == "completed" and status["global_step"] == 7
 
-    from experiments.run_history import STEP_KEY, load_history
-
-    steps = [row[STEP_KEY] for row in load_history(runs / "a") if "train/loss" in row]
-    assert steps == sorted(set(steps)) and steps[-1] >= 5  # one continuous curve
+    # metrics.jsonl, written beside W&B, continues: each step's loss once (Lightning logs step k's at k-1)
+    rows = read_metrics_file(runs / "a" / "metrics.jsonl")
+    assert [row["step"] for row in rows if "train/loss" in row] == list(range(7))
 
 
 def test_validation_samples_come_from_the_checkpointed_ema_weights(runs: Path, tmp_path: Path) -> None:

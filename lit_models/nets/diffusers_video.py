@@ -33,11 +33,14 @@ class DiffusersVideoBackbone(nn.Module):
         config: model config dict for a random-initialised model (tests, small experiments).
         subfolder: `from_pretrained` subfolder (e.g. "transformer" of a pipeline repo).
         model: an already built model of `model_class` (bundles).
+        context_dim: the text token width, filled into `config` under `context_width_key` unless
+            the config sets it (`build_net` passes the text encoder's); pooled_dim is unused.
         **from_pretrained: further `from_pretrained` arguments (torch_dtype, revision, ...).
     """
 
     model_class: type
     pipeline_component = "transformer"  # the pipeline's name for the model (LoRA export prefixes)
+    context_width_key: str | None = None  # the model config's text token width
 
     def __init__(
         self,
@@ -45,6 +48,8 @@ class DiffusersVideoBackbone(nn.Module):
         config: dict[str, Any] | None = None,
         subfolder: str | None = None,
         model: nn.Module | None = None,
+        context_dim: int | None = None,
+        pooled_dim: int | None = None,
         **from_pretrained: Any,
     ) -> None:
         super().__init__()
@@ -55,7 +60,8 @@ class DiffusersVideoBackbone(nn.Module):
         elif pretrained is not None:
             self.model = self.model_class.from_pretrained(pretrained, subfolder=subfolder, **from_pretrained)
         else:
-            self.model = self.model_class.from_config(dict(config))
+            width = {self.context_width_key: context_dim} if context_dim is not None and self.context_width_key else {}
+            self.model = self.model_class.from_config({**width, **dict(config)})
         self._timestep: float | None = None
 
     def sequence_length(self, latent_shape: tuple[int, ...]) -> int:
@@ -120,6 +126,8 @@ class LatteBackbone(DiffusersVideoBackbone):
 
     from diffusers import LatteTransformer3DModel as model_class
 
+    context_width_key = "caption_channels"
+
     def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None,
                pooled: Tensor | None = None) -> Tensor:
         context = _masked(_context(context, x, self.model.config.caption_channels), context_mask)
@@ -135,6 +143,8 @@ class CogVideoXBackbone(DiffusersVideoBackbone):
     models with rotary position embeddings (CogVideoX-5b, 1.5) get the pipeline's."""
 
     from diffusers import CogVideoXTransformer3DModel as model_class
+
+    context_width_key = "text_embed_dim"
 
     def rotary_embedding(self, frames: int, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
         if not self.model.config.use_rotary_positional_embeddings:
@@ -167,6 +177,7 @@ class UNet3DBackbone(DiffusersVideoBackbone):
     from diffusers import UNet3DConditionModel as model_class
 
     pipeline_component = "unet"
+    context_width_key = "cross_attention_dim"
 
     def denoise(self, x: Tensor, timesteps: Tensor, context: Tensor | None, context_mask: Tensor | None,
                pooled: Tensor | None = None) -> Tensor:

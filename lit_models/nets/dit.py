@@ -115,7 +115,3 @@ class SpaceTimeDiT(nn.Module):
         out = self.final(h, per_frame)  # (B*F, N, p*p*C)
         out = rearrange(out, "(b f) n e -> b f n e", f=num_frames)
         return unpatchify(out, self.patch_size, height, width, self.out_channels)
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
