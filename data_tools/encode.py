@@ -79,9 +79,10 @@ def _decoded_batches(url: str, size: int | None, channels: int, skipped: Any, ti
     up to `batch_size`."""
     import webdataset as wds
 
-    from datamodules.video_shards import CountTarErrors, DecodeSamples, SelectFiles
+    from datamodules.shard_datamodule import CountTarErrors, SelectFiles
+    from datamodules.video_shards import DecodeSamples
 
-    stage = DecodeSamples(None, skipped, caption_key="txt", seed=0, num_frames=None, stride=1, random_start=False,
+    stage = DecodeSamples(skipped, caption_key="txt", seed=0, num_frames=None, stride=1, random_start=False,
                           size=size, channels=channels, timeout=timeout, max_pixels=max_pixels)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([url]),

@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from datamodules.shard_lists import ShardSpec, resolve_shards
 from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, sample_frame_indices
-from datamodules.video_shards import CountTarErrors, DecodeSamples, Sample, SelectFiles, VideoShardDataModule
+from datamodules.video_shards import DecodeSamples, Sample, VideoShardDataModule
 from lit_models.encoded_inputs import ENCODER_INFO_NAME, EncoderMismatchError, check_encoders, read_encoder_info
 
 
@@ -31,7 +30,7 @@ class DecodeEncodedSamples(DecodeSamples):
 
     media_member = "latent.npy"
 
-    def decode_media(self, sample: Sample, url: str, key: str) -> dict[str, torch.Tensor]:
+    def decode_media(self, sample: Sample, url: str, key: str, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
         options = self.clip_options
         try:
             latent = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)  # (c, F, h, w)
@@ -41,7 +40,7 @@ class DecodeEncodedSamples(DecodeSamples):
             raise VideoDecodeError(f"cannot read latent.npy of sample {key} in shard {url}: {exc}") from None
         try:
             indices = sample_frame_indices(latent.shape[1], options["num_frames"], options["stride"],
-                                           options["random_start"], self._sample_rng(url, key))
+                                           options["random_start"], rng)
         except ClipTooShortError as exc:
             raise ClipTooShortError(f"sample {key} in shard {url}: {exc}") from exc
         out = {"latent": torch.from_numpy(latent[:, indices].astype(np.float32))}
@@ -65,6 +64,11 @@ class EncodedShardDataModule(VideoShardDataModule):
     `channels` must match the encoding (checked against `_encoder.json`), frames are sampled
     from the latents with `num_frames`, `frame_stride` and `random_start`.
     """
+
+    media = ("latent.npy",)
+
+    def members(self) -> set[str]:
+        return {*self.media, "text.npz", "json", self.caption_key}
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
@@ -110,17 +114,11 @@ class EncodedShardDataModule(VideoShardDataModule):
         check_encoders(self.encoder_info, str(self._info_dir(self.train_shards)),
                        getattr(model, "autoencoder", None), getattr(model, "text_encoder", None))
 
-    def _decode_stage(self, clock: Any, train: bool) -> DecodeEncodedSamples:
+    def _decode_stage(self, train: bool) -> DecodeEncodedSamples:
         whole = getattr(self, "encoder_info", {}).get("clip") is not None  # video-VAE latents: the clip itself
         return DecodeEncodedSamples(
-            clock, self._skipped, caption_key=self.caption_key, seed=self.seed,
+            self._skipped, caption_key=self.caption_key, seed=self.seed,
             num_frames=None if whole else self.num_frames, stride=1 if whole else self.frame_stride,
             random_start=self.random_start and train and not whole, size=self.size, channels=self.channels,
             timeout=None, require_caption=self.require_caption,
-        )
-
-    def _read_samples(self) -> Any:
-        return wds.tarfile_to_samples(
-            handler=CountTarErrors(self._skipped),
-            select_files=SelectFiles({"latent.npy", "text.npz", "json", self.caption_key}),
         )

@@ -6,6 +6,10 @@ reproducible and its ratio holds over many samples (not exactly per batch). The 
 are any datamodules whose train loaders yield batches (`VideoShardDataModule`,
 `ImageShardDataModule`); their batches are split into samples and re-batched here, so no
 decoded sample is wasted. Validation is the video datamodule's.
+
+The two sources' loaders run inside this one, so Lightning never sees them: `teardown` shuts
+their workers down at the end of a fit (a forgotten worker that ignores SIGTERM would keep
+the process from exiting; `ShardLoader` also shuts every loader down at exit).
 """
 
 from __future__ import annotations
@@ -107,6 +111,7 @@ class JointImageVideoDataModule(lightning.LightningDataModule):
             raise ValueError(f"JointImageVideoDataModule: image_ratio must be in [0, 1], got {image_ratio}")
         self.video, self.images = video, images
         self.image_ratio, self.batch_size, self.seed = image_ratio, batch_size, seed
+        self._source_loaders: list[Any] = []
 
     def setup(self, stage: str | None = None) -> None:
         for datamodule in (self.video, self.images):
@@ -114,10 +119,19 @@ class JointImageVideoDataModule(lightning.LightningDataModule):
             datamodule.setup(stage)
 
     def train_dataloader(self) -> DataLoader:
-        mixed = MixedBatches(
-            self.video.train_dataloader(), self.images.train_dataloader(), self.image_ratio, self.batch_size, self.seed
-        )
+        self._shut_down_sources()
+        self._source_loaders = [self.video.train_dataloader(), self.images.train_dataloader()]
+        mixed = MixedBatches(*self._source_loaders, self.image_ratio, self.batch_size, self.seed)
         return DataLoader(mixed, batch_size=None, num_workers=0)
+
+    def teardown(self, stage: str) -> None:
+        self._shut_down_sources()
+
+    def _shut_down_sources(self) -> None:
+        for loader in self._source_loaders:
+            if hasattr(loader, "shutdown"):
+                loader.shutdown()
+        self._source_loaders = []
 
     def val_dataloader(self) -> Any:
         return self.video.val_dataloader()

@@ -3,25 +3,23 @@ writes (`KEY.prompt.txt`, `KEY.win.mp4`, `KEY.lose.mp4`, `KEY.json`).
 
 Only those members are read (mp4 decoded with `video_decoding.decode_clip`, text as UTF-8,
 json with `json.loads`); nothing is unpickled. Winner and loser are decoded with the same
-frame indices (from frame 0), so a pair differs only in content. Pair sets are small, so
-the training stream repeats the shards forever (reshuffled each pass) and the trainer's
+frame indices (from frame 0), so a pair differs only in content. Pair sets are small, so an
+epoch is `epoch_samples` pairs, the shards cycled (reshuffled each cycle) to fill it, read by
+the same `ShardStream` as video (equal batches per reader, exact resume); the trainer's
 `max_steps` ends training.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import lightning
 import torch
-import webdataset as wds
 
-from datamodules.loaders import ShardLoader
-from datamodules.shard_lists import ShardSpec, check_enough_shards, resolve_shards
+from datamodules.shard_datamodule import ShardDataModule
+from datamodules.shard_lists import ShardSpec
 from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, decode_clip
 
 _MEMBERS = {"prompt.txt", "win.mp4", "lose.mp4", "json"}
@@ -42,15 +40,23 @@ def collate_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _DecodePairs:
-    def __init__(self, **clip_options: Any) -> None:
-        self.clip_options = clip_options
+    """Pipeline stage: raw pair samples -> `{"win", "lose", "caption", "key", "meta"}`; a pair
+    that cannot be used is skipped with a `SkippedPairWarning` and counted in `skipped`."""
 
-    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def __init__(self, skipped: Any, **clip_options: Any) -> None:
+        self.skipped, self.clip_options = skipped, clip_options
+
+    def _skip(self, message: str) -> None:
+        warnings.warn(message, SkippedPairWarning, stacklevel=3)
+        with self.skipped.get_lock():
+            self.skipped.value += 1
+
+    def __call__(self, samples: Iterator[dict[str, Any]], epoch: int = 0) -> Iterator[dict[str, Any]]:
         for sample in samples:
             key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
             missing = sorted(_MEMBERS - set(sample))
             if missing:
-                warnings.warn(f"skipping pair {key} in shard {url}: no {missing}", SkippedPairWarning, stacklevel=2)
+                self._skip(f"skipping pair {key} in shard {url}: no {missing}")
                 continue
             try:
                 caption = sample["prompt.txt"].decode("utf-8").strip()
@@ -60,35 +66,24 @@ class _DecodePairs:
                     for m in ("win.mp4", "lose.mp4")
                 )
             except (UnicodeDecodeError, json.JSONDecodeError, VideoDecodeError, ClipTooShortError) as exc:
-                warnings.warn(f"skipping pair {key} in shard {url}: {exc}", SkippedPairWarning, stacklevel=2)
+                self._skip(f"skipping pair {key} in shard {url}: {exc}")
                 continue
             if win.shape != lose.shape:
-                warnings.warn(f"skipping pair {key} in shard {url}: win {tuple(win.shape)} != lose {tuple(lose.shape)}",
-                              SkippedPairWarning, stacklevel=2)
+                self._skip(f"skipping pair {key} in shard {url}: win {tuple(win.shape)} != lose {tuple(lose.shape)}")
                 continue
             yield {"win": win, "lose": lose, "caption": caption, "key": key, "meta": meta}
 
 
-class _RepeatShuffled:
-    """Pipeline stage: the shard list forever, reshuffled on each pass with (seed, pass)."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __call__(self, shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        shards = list(shards)
-        for cycle in range(1_000_000_000):
-            order = list(shards)
-            random.Random(f"pairs:{self.seed}:{cycle}").shuffle(order)
-            yield from (dict(s) for s in order)
-
-
-class PreferencePairDataModule(lightning.LightningDataModule):
+class PreferencePairDataModule(ShardDataModule):
     """Batches `{"win", "lose": (B, C, F, H, W) in [-1, 1], "caption", "key", "meta": lists}`.
 
     Args mirror `VideoShardDataModule`: `num_frames` frames `frame_stride` apart from frame 0
-    (None: all), resized to `size`, `channels` 1 (luma) or 3.
+    (None: all), resized to `size`, `channels` 1 (luma) or 3. `epoch_samples` pairs make an
+    epoch (the shards cycled to fill it).
     """
+
+    media = ("win.mp4",)
+    collate = staticmethod(collate_pairs)
 
     def __init__(
         self,
@@ -103,58 +98,14 @@ class PreferencePairDataModule(lightning.LightningDataModule):
         channels: int = 1,
         shuffle_buffer: int = 64,
         seed: int = 0,
+        epoch_samples: int = 4096,
     ) -> None:
-        super().__init__()
-        self.train_shards, self.val_shards = train_shards, val_shards
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
+        super().__init__(train_shards, val_shards, batch_size=batch_size, val_batch_size=val_batch_size,
+                         num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed, epoch_samples=epoch_samples)
         self.clip_options = dict(num_frames=num_frames, stride=frame_stride, size=size, channels=channels)
-        self.train_urls: list[str] | None = None
-        self.val_urls: list[str] | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit"):
-            self.train_urls = resolve_shards(self.train_shards)
-            check_enough_shards(len(self.train_urls), self.num_workers, 1, str(self.train_shards))
-        if self.val_shards is not None and stage in (None, "fit", "validate"):
-            self.val_urls = resolve_shards(self.val_shards)
+    def members(self) -> set[str]:
+        return set(_MEMBERS)
 
-    def _read(self) -> Any:
-        return wds.tarfile_to_samples(
-            select_files=lambda name: name.rsplit("/", 1)[-1].split(".", 1)[-1].lower() in _MEMBERS
-        )
-
-    def train_pipeline(self) -> wds.DataPipeline:
-        if self.train_urls is None:
-            self.setup("fit")
-        rng = random.Random(f"pair-samples:{self.seed}")
-        return wds.DataPipeline(
-            wds.SimpleShardList(self.train_urls),
-            _RepeatShuffled(self.seed),
-            wds.split_by_worker,
-            self._read(),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng) if self.shuffle_buffer > 1 else None,
-            _DecodePairs(**self.clip_options),
-            wds.batched(self.batch_size, collation_fn=collate_pairs, partial=False),
-        )
-
-    def val_pipeline(self) -> wds.DataPipeline:
-        if self.val_urls is None:
-            self.setup("validate")
-        if self.val_urls is None:
-            raise ValueError("no val_shards were given")
-        return wds.DataPipeline(
-            wds.SimpleShardList(self.val_urls),
-            self._read(),
-            _DecodePairs(**self.clip_options),
-            wds.batched(self.val_batch_size, collation_fn=collate_pairs, partial=True),
-        )
-
-    def train_dataloader(self) -> ShardLoader:
-        return ShardLoader(self.train_pipeline(), batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def val_dataloader(self) -> ShardLoader | list:
-        if self.val_shards is None:
-            return []
-        return ShardLoader(self.val_pipeline(), batch_size=None, num_workers=0)
+    def _decode_stage(self, train: bool) -> _DecodePairs:
+        return _DecodePairs(self._skipped, **self.clip_options)

@@ -4,57 +4,40 @@ Each shard sample holds `KEY.mp4` (H.264), `KEY.txt` (caption) and `KEY.json` (m
 Only those raw bytes are read and decoded here (mp4 with decord, txt as UTF-8, json with
 `json.loads`); nothing is ever unpickled.
 
-How a DDP run splits the data (`datamodules/shard_readers.py`): the shard list, shuffled per
-epoch with a seed shared by all processes, is dealt to the readers (every DataLoader worker of
-every rank) balancing their sample counts, and every reader yields the same number of batches,
-so DDP ranks step in lock-step whatever the shard sizes; no sample repeats within an epoch.
-Every reader needs at least one shard, which `setup()` checks (a clear error, no fallback).
-`epoch_samples` instead fixes the epoch length, each reader cycling through its shards.
+Training batches come from a `ShardStream` (`datamodules/shard_readers.py`): the shard list,
+shuffled per epoch with a seed shared by all processes, is dealt to the readers (every
+DataLoader worker of every rank) balancing their sample counts, and every reader yields the
+same number of batches, so DDP ranks step in lock-step whatever the shard sizes. Every reader
+needs at least one shard, which `setup()` checks (a clear error, no fallback). `epoch_samples`
+instead fixes the epoch length, each reader cycling through its shards.
 
-Exact resume: every training batch carries its reader's position; the datamodule keeps the
-position of the last batch the trainer consumed and Lightning saves it in every checkpoint
-(`state_dict`). A resumed run replays each reader's epoch up to that position without
-decoding (the shuffle buffer is rebuilt by replay, not stored), so the next batches are the
-ones the uninterrupted run would have seen. Randomness inside readers (shard deal, sample
-shuffle, start frames) derives from (seed, epoch, rank, worker, sample key), so workers carry
-no RNG state that would need saving.
+Exact resume: the train loader is a `StatefulDataLoader` (`datamodules/loaders.py`) whose
+state holds every worker's stream position; Lightning saves it in every checkpoint and loads
+it on resume, and the next batches are the ones the uninterrupted run would have seen.
+Randomness inside readers (shard deal, sample shuffle, start frames) derives from (seed,
+epoch, rank, worker, sample key), so workers carry no RNG state that would need saving.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning
 import numpy as np
 import torch
-import webdataset as wds
 
 from data_tools.mp4_header import DEFAULT_MAX_DECODE_PIXELS
-from datamodules.loaders import ShardLoader
-from datamodules.shard_lists import ShardSpec, check_enough_shards, resolve_shards
-from datamodules.shard_readers import (
-    POSITION_KEY,
-    AssignShards,
-    BatchReaderSamples,
-    PositionTracker,
-    ReaderPlan,
-    ShuffleSamples,
-    SkipConsumed,
-    count_shard_samples,
-)
+from datamodules.shard_datamodule import ShardDataModule, SkippedSampleWarning
+from datamodules.shard_lists import ShardSpec
 from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, decode_clip
 
+__all__ = ["DecodeSamples", "SkippedSampleWarning", "VideoShardDataModule", "collate_clips"]
+
 Sample = dict[str, Any]
-
-
-class SkippedSampleWarning(UserWarning):
-    """A shard sample was skipped (undecodable video, bad caption or metadata, too short)."""
 
 
 def collate_clips(samples: list[Sample]) -> dict[str, Any]:
@@ -64,71 +47,6 @@ def collate_clips(samples: list[Sample]) -> dict[str, Any]:
         name: torch.stack([s[name] for s in samples]) if isinstance(value, torch.Tensor) else [s[name] for s in samples]
         for name, value in samples[0].items()
     }
-
-
-class _EpochClock:
-    """The epoch of this process's copy of the pipeline.
-
-    Each pass over the pipeline is the next epoch. `requested` is shared memory written by
-    `VideoShardDataModule.set_epoch`; every process (main or worker) adopts a new request at
-    its next pass, so persistent workers follow the main process without being rebuilt.
-    """
-
-    def __init__(self, requested: Any) -> None:
-        self.requested = requested
-        self.seen_request = -1
-        self.epoch = -1
-
-    def next_pass(self) -> int:
-        request = self.requested.value
-        if request >= 0 and request != self.seen_request:
-            self.seen_request, self.epoch = request, request
-        else:
-            self.epoch += 1
-        return self.epoch
-
-
-class SelectFiles:
-    """Only these extensions are read out of the tar; anything else (e.g. `.pyd`) is never
-    loaded, let alone unpickled."""
-
-    def __init__(self, extensions: set[str]) -> None:
-        self.extensions = extensions
-
-    def __call__(self, name: str) -> bool:
-        return name.rsplit("/", 1)[-1].split(".", 1)[-1].lower() in self.extensions
-
-
-def _warn_and_continue(exn: Exception) -> bool:
-    """tar-level errors (truncated shard, unreadable file): warn with the shard url and go on,
-    so one bad shard does not end a long run."""
-    warnings.warn(f"skipping unreadable shard data: {exn!r}", SkippedSampleWarning, stacklevel=2)
-    return True
-
-
-class CountTarErrors:
-    """tar-level error handler like `_warn_and_continue` that also counts the error in the
-    datamodule's skipped counter (a truncated shard loses its remaining samples).
-
-    webdataset reports one truncation twice: from the member read (message "... @ <file
-    name='SHARD'>") and again from the shard loop (with SHARD as the last argument); the second
-    report of the same shard is neither warned about nor counted again."""
-
-    def __init__(self, skipped: Any) -> None:
-        self.skipped = skipped
-        self._member_error: str | None = None
-
-    def __call__(self, exn: Exception) -> bool:
-        message = str(exn.args[0]) if exn.args else ""
-        url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else None
-        repeated = url is not None and self._member_error is not None and f"name='{url}'" in self._member_error
-        self._member_error = message if " @ " in message else None
-        if repeated:
-            return True
-        warnings.warn(f"skipping unreadable shard data: {exn!r}", SkippedSampleWarning, stacklevel=2)
-        with self.skipped.get_lock():
-            self.skipped.value += 1
-        return True
 
 
 def _outside_archive(key: str) -> bool:
@@ -145,22 +63,20 @@ class DecodeSamples:
 
     media_member = "mp4"  # the member a usable sample must have
 
-    def __init__(self, clock: _EpochClock | None, skipped: Any, *, caption_key: str, seed: int,
-                 num_frames: int | None, stride: int, random_start: bool, size: int | None,
-                 channels: int, timeout: float | None = None, require_caption: bool = False,
-                 max_pixels: int | None = None) -> None:
-        self.clock, self.skipped, self.caption_key, self.seed = clock, skipped, caption_key, seed
+    def __init__(self, skipped: Any, *, caption_key: str, seed: int, num_frames: int | None, stride: int,
+                 random_start: bool, size: int | None, channels: int, timeout: float | None = None,
+                 require_caption: bool = False, max_pixels: int | None = None) -> None:
+        self.skipped, self.caption_key, self.seed = skipped, caption_key, seed
         self.require_caption = require_caption
         self.random_start = random_start
         self.clip_options = dict(num_frames=num_frames, stride=stride, random_start=random_start,
                                  size=size, channels=channels, timeout=timeout, max_pixels=max_pixels)
 
-    def _sample_rng(self, url: str, key: str) -> np.random.Generator | None:
+    def _sample_rng(self, url: str, key: str, epoch: int) -> np.random.Generator | None:
         # Seeded per sample, not per stream, so a resumed reader that skips samples without
         # decoding them still draws the same start frames for the ones after.
         if not self.random_start:
             return None
-        epoch = max(self.clock.epoch, 0) if self.clock is not None else 0
         return np.random.default_rng([self.seed, epoch, zlib.crc32(f"{Path(url).name}\0{key}".encode())])
 
     def _skip(self, message: str, warn: bool = True) -> None:
@@ -169,7 +85,7 @@ class DecodeSamples:
         with self.skipped.get_lock():
             self.skipped.value += 1
 
-    def __call__(self, samples: Iterator[Sample]) -> Iterator[Sample]:
+    def __call__(self, samples: Iterator[Sample], epoch: int = 0) -> Iterator[Sample]:
         for sample in samples:
             key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
             where = f"sample {key} in shard {url}"
@@ -194,15 +110,16 @@ class DecodeSamples:
                 self._skip(f"skipping {where}: .json is not valid JSON ({exc})")
                 continue
             try:
-                media = self.decode_media(sample, url, key)
+                media = self.decode_media(sample, url, key, self._sample_rng(url, key, epoch))
             except (VideoDecodeError, ClipTooShortError) as exc:
                 self._skip(f"skipping {exc}")
                 continue
             yield {**media, "caption": caption.strip(), "key": key, "meta": meta}
 
-    def decode_media(self, sample: Sample, url: str, key: str) -> dict[str, torch.Tensor]:
-        """The sample's tensors; raises `VideoDecodeError` / `ClipTooShortError` naming it."""
-        return {"video": decode_clip(sample["mp4"], url=url, key=key, rng=self._sample_rng(url, key), **self.clip_options)}
+    def decode_media(self, sample: Sample, url: str, key: str, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+        """The sample's tensors (`rng` draws the start frame); raises `VideoDecodeError` /
+        `ClipTooShortError` naming it."""
+        return {"video": decode_clip(sample["mp4"], url=url, key=key, rng=rng, **self.clip_options)}
 
 
 def _is_failed_download(sample: Sample) -> bool:
@@ -212,21 +129,20 @@ def _is_failed_download(sample: Sample) -> bool:
         return False
 
 
-class VideoShardDataModule(lightning.LightningDataModule):
+class VideoShardDataModule(ShardDataModule):
     """Batches `{"video": (B, C, F, H, W) float32 in [-1, 1], "caption": [str], "key": [str],
-    "meta": [dict]}` from WebDataset shards of mp4/txt/json samples.
+    "meta": [dict]}` from WebDataset shards of mp4/txt/json samples (see `ShardDataModule` for
+    the epochs and the train/validation streams).
 
-    Train: shards shuffled per epoch, samples shuffled in a `shuffle_buffer`, a random start
-    frame per clip, last partial batch dropped. Validation: shard order, first frames, every
-    sample once (last partial batch kept). All randomness derives from (`seed`, epoch): the
-    epoch starts at the trainer's `current_epoch` when the train loader is made (so a resumed
-    run continues the sequence), advances by one per pass, and `set_epoch` overrides it.
+    Train clips start at a random frame (`random_start`), validation clips at the first.
     `num_frames=None` takes every frame (at `frame_stride`); `size=None` keeps the resolution.
     Clips shorter than `(num_frames - 1) * frame_stride + 1` are skipped with a warning, as is
     a clip whose decoding takes longer than `decode_timeout` seconds, a sample without a
     caption (unless `require_caption=False`: empty caption) and a member whose path would
     leave the archive; all are counted in `num_skipped_samples`, as are unreadable tar data.
     """
+
+    collate = staticmethod(collate_clips)
 
     def __init__(
         self,
@@ -248,193 +164,21 @@ class VideoShardDataModule(lightning.LightningDataModule):
         require_caption: bool = True,
         max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS,
     ) -> None:
-        super().__init__()
+        super().__init__(train_shards, val_shards, batch_size=batch_size, val_batch_size=val_batch_size,
+                         num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed,
+                         caption_key=caption_key, epoch_samples=epoch_samples)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.train_shards, self.val_shards = train_shards, val_shards
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
         self.num_frames, self.frame_stride, self.random_start = num_frames, frame_stride, random_start
         self.size, self.channels = size, channels
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.caption_key = caption_key.lstrip(".").lower()
-        self.epoch_samples = epoch_samples
         self.decode_timeout = decode_timeout
         self.require_caption = require_caption
         self.max_decode_pixels = max_decode_pixels
-        self.train_urls: list[str] | None = None
-        self.shard_sizes: dict[str, int] | None = None
-        self._positions = PositionTracker()
-        self._resume_position: dict[str, Any] | None = None
-        self.val_urls: list[str] | None = None
-        # Shared memory, so DataLoader workers (forked or spawned) see epoch requests and
-        # report skipped samples back.
-        self._requested_epoch = multiprocessing.Value("q", -1)
-        self._skipped = multiprocessing.Value("q", 0)
 
-    @property
-    def num_skipped_samples(self) -> int:
-        """Samples skipped so far (bad video, caption, metadata or too short), all workers."""
-        return int(self._skipped.value)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next training pass epoch `epoch` (each later pass adds one)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._requested_epoch.value = epoch
-
-    def _world_size(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.world_size) if trainer is not None else 1
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Take the reader position off a training batch and remember it (it is the position
-        after the last batch the trainer consumed: prefetched batches are not counted)."""
-        if isinstance(batch, dict) and POSITION_KEY in batch:
-            self._positions.record(batch.pop(POSITION_KEY))
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """The training data position of all ranks, saved by Lightning in every checkpoint."""
-        state = self._positions.state(self._world_size(), self.num_workers)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self._world_size() > 1:
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, state["readers"])
-            state["readers"] = {k: v for readers in gathered for k, v in readers.items()}
-        return {"position": state}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the training stream where the checkpointed run left it."""
-        position = state_dict.get("position")
-        if position is not None and int(position.get("epoch", -1)) >= 0:
-            self._resume_position = position
-
-    @staticmethod
-    def _describe(spec: ShardSpec, urls: list[str]) -> str:
-        if isinstance(spec, (str, Path)):
-            return str(spec)
-        parents = sorted({str(Path(u).parent) for u in urls})
-        return parents[0] if len(parents) == 1 else f"{len(parents)} directories"
-
-    def setup(self, stage: str | None = None) -> None:
-        """Resolve the shard lists and check there are enough shards for every reader, so a
-        bad config fails at start, naming the directory."""
-        world_size = self._world_size()
-        if stage in (None, "fit"):
-            self._setup_train(world_size)
-        if self.val_shards is not None and stage in (None, "fit", "validate"):
-            self.val_urls = resolve_shards(self.val_shards)
-            # Validation uses at most one worker per shard; each rank still needs a shard.
-            check_enough_shards(len(self.val_urls), 1, world_size,
-                                self._describe(self.val_shards, self.val_urls))
-
-    def _setup_train(self, world_size: int) -> None:
-        self.train_urls = resolve_shards(self.train_shards)
-        check_enough_shards(len(self.train_urls), self.num_workers, world_size,
-                            self._describe(self.train_shards, self.train_urls))
-        if self.epoch_samples is not None:
-            readers = max(self.num_workers, 1) * world_size
-            if self.epoch_samples < self.batch_size * readers:
-                raise ValueError(
-                    f"epoch_samples={self.epoch_samples} gives no batch to each of {readers} "
-                    f"readers at batch_size={self.batch_size}; raise epoch_samples"
-                )
-        elif max(self.num_workers, 1) * world_size > 1:
-            # Equal batches per reader need every shard's sample count.
-            sizes = {url: count_shard_samples(url) for url in self.train_urls}
-            unknown = [url for url, n in sizes.items() if n is None]
-            if unknown:
-                raise ValueError(
-                    f"cannot count the samples of shard {unknown[0]} (not a local file), which "
-                    "equal batch counts across readers need; set data.epoch_samples instead"
-                )
-            self.shard_sizes = sizes  # type: ignore[assignment]
-            if not any(sizes.values()):
-                raise ValueError(f"the training shards hold no samples: {self._list_shards(self.train_urls)}")
-
-    @staticmethod
-    def _list_shards(urls: list[str], limit: int = 5) -> str:
-        more = f" and {len(urls) - limit} more" if len(urls) > limit else ""
-        return ", ".join(urls[:limit]) + more
-
-    def _empty_epoch_message(self) -> str:
-        readers = max(self.num_workers, 1) * self._world_size()
-        return (
-            f"a pass over the training shards yielded no batch: {self._list_shards(self.train_urls or [])} "
-            f"gave fewer than batch_size={self.batch_size} usable samples per reader ({readers} reader"
-            f"{'s' if readers > 1 else ''}); "
-            "the skipped-sample warnings above name the bad ones"
-        )
-
-    def _decode_stage(self, clock: _EpochClock | None, train: bool) -> DecodeSamples:
+    def _decode_stage(self, train: bool) -> DecodeSamples:
         return DecodeSamples(
-            clock, self._skipped, caption_key=self.caption_key, seed=self.seed,
+            self._skipped, caption_key=self.caption_key, seed=self.seed,
             num_frames=self.num_frames, stride=self.frame_stride,
             random_start=self.random_start and train, size=self.size, channels=self.channels,
             timeout=self.decode_timeout, require_caption=self.require_caption, max_pixels=self.max_decode_pixels,
         )
-
-    def _read_samples(self) -> Any:
-        return wds.tarfile_to_samples(
-            handler=CountTarErrors(self._skipped), select_files=SelectFiles({"mp4", "json", self.caption_key})
-        )
-
-    def train_pipeline(self) -> wds.DataPipeline:
-        """The training pipeline (an IterableDataset yielding whole batches)."""
-        if self.train_urls is None:
-            self.setup("fit")
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            self.set_epoch(int(trainer.current_epoch))
-        clock = _EpochClock(self._requested_epoch)
-        plan = ReaderPlan(self.seed, self.batch_size, self.shard_sizes, self.epoch_samples,
-                          resume=self._resume_position)
-        self._train_resumed = self._resume_position is not None
-        self._resume_position = None  # applies to this loader's first pass only
-        return wds.DataPipeline(
-            wds.SimpleShardList(self.train_urls),
-            AssignShards(clock, plan),
-            self._read_samples(),
-            ShuffleSamples(plan, self.shuffle_buffer) if self.shuffle_buffer > 1 else None,
-            SkipConsumed(plan),
-            self._decode_stage(clock, train=True),
-            BatchReaderSamples(plan, collate_clips),
-        )
-
-    def val_pipeline(self) -> wds.DataPipeline:
-        """The validation pipeline: shard order, first frames, every sample once."""
-        if self.val_urls is None:
-            self.setup("validate")
-        if self.val_urls is None:
-            raise ValueError("no val_shards were given")
-        return wds.DataPipeline(
-            wds.SimpleShardList(self.val_urls),
-            wds.split_by_node,
-            wds.split_by_worker,
-            self._read_samples(),
-            self._decode_stage(None, train=False),
-            wds.batched(self.val_batch_size, collation_fn=collate_clips, partial=True),
-        )
-
-    def _loader_timeout(self, num_workers: int) -> float:
-        # Backstop for a decoder stuck in C code, which the per-sample alarm cannot interrupt:
-        # the run stops with the DataLoader's timeout error instead of hanging forever.
-        if not self.decode_timeout or num_workers == 0:
-            return 0
-        return self.decode_timeout * max(self.batch_size, self.val_batch_size) * 4
-
-    def train_dataloader(self) -> ShardLoader:
-        pipeline = self.train_pipeline()
-        return ShardLoader(pipeline, batch_size=None, num_workers=self.num_workers,
-                           persistent_workers=self.num_workers > 0, timeout=self._loader_timeout(self.num_workers),
-                           empty_epoch_message=self._empty_epoch_message(), resumed=self._train_resumed)
-
-    def val_dataloader(self) -> ShardLoader | list:
-        if self.val_shards is None:
-            return []
-        num_workers = min(self.num_workers, len(self.val_urls or resolve_shards(self.val_shards)))
-        return ShardLoader(self.val_pipeline(), batch_size=None, num_workers=num_workers,
-                           persistent_workers=num_workers > 0, timeout=self._loader_timeout(num_workers))
