@@ -36,7 +36,7 @@ quickstart: data $(TEXT_TOWER)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The inner loop while editing: the suite without the tests marked slow (each over ~3 s on 2
+# The inner loop while editing: the suite without the tests marked slow (2 s or more on 2
 # cores: real training runs, CLIs, diffusers pipelines); `make test` before a merge.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
