@@ -52,6 +52,7 @@ def test_i2v_adapter_starts_as_the_base_bit_exact_and_trains_only_its_branch():
     assert {k for k in before if ".first_frame_out." in k} <= changed  # the zero output layer learns
 
 
+@pytest.mark.slow
 def test_i2v_branch_reads_the_first_frame_and_clean_frames_leave_the_loss():
     from lit_models.forward_process import CLEAN_FRAMES, CLEAN_MASK
     from lit_models.nets.layers import Attention
