@@ -7,7 +7,7 @@ DATA ?= data
 STAMP := $(VENV)/.effvid-installed
 export EFFVID_DATA := $(DATA)
 
-.PHONY: install data quickstart test clean
+.PHONY: install data quickstart test test-fast clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ quickstart: data $(TEXT_TOWER)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop while editing: the suite without the tests marked slow (2 s or more on 2
+# cores: real training runs, CLIs, diffusers pipelines); `make test` before a merge.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(DATA) runs

@@ -1,5 +1,5 @@
 """Fixtures shared across test files: tiny moving-digit shards made with the real data tools,
-and the overrides that shrink the quickstart experiment to a few seconds."""
+and the overrides that shrink the quickstart experiment to a few seconds (debug=tiny)."""
 
 from __future__ import annotations
 
@@ -60,32 +60,21 @@ def tiny_pipeline_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     return folders
 
 
-def tiny_overrides(data_root: Path, runs_dir: Path, max_steps: int = 4) -> list[str]:
-    """The quickstart experiment with a tiny network and a few steps, for tests."""
+@pytest.fixture(scope="session")
+def folders(tiny_pipeline_folders: dict[str, Path]) -> dict[str, Path]:
+    """`tiny_pipeline_folders` by the short name the pretrained-bundle tests use."""
+    return tiny_pipeline_folders
+
+
+def tiny_overrides(data_root: Path, runs_dir: Path, max_steps: int = 4, debug: str = "tiny") -> list[str]:
+    """The quickstart experiment at test size for `max_steps` steps: experiments/conf/debug/tiny.yaml,
+    or `debug="tiny_latent"` for latent diffusion with the digits VAE."""
     return [
-        "experiment=digits_quickstart",
+        "experiment=digits_quickstart",  # first: test_scale_configs drops it
+        f"debug={debug}",
         f"data_root={data_root}",
         f"runs_dir={runs_dir}",
         f"trainer.max_steps={max_steps}",
-        "trainer.val_check_interval=2",
-        "trainer.limit_val_batches=1",
-        "trainer.log_every_n_steps=1",
-        "trainer.enable_model_summary=false",
-        "+trainer.enable_progress_bar=false",
-        "callbacks.checkpoint.every_n_train_steps=2",
-        "callbacks.ema.update_starting_at_step=1",
-        "model.channels=[8,16,16]",
-        "paradigm.text_encoder.text_cfg.width=16",
-        "paradigm.text_encoder.text_cfg.layers=1",
-        "paradigm.text_encoder.embed_dim=16",
-        "paradigm.text_encoder.weights=null",  # a tiny random tower, not the text stage's
-        "paradigm.sample_steps=2",
-        "paradigm.val_samples_per_prompt=1",
-        "paradigm.lr_scheduler.num_warmup_steps=1",
-        "data.batch_size=4",
-        "data.val_batch_size=4",
-        "data.num_workers=0",
-        "data.shuffle_buffer=8",
     ]
 
 

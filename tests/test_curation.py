@@ -251,6 +251,7 @@ def test_config_errors_name_the_key_and_the_file(tmp_path):
 # --- interruption -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_every_clip_exactly_once(tmp_path):
     inputs = tmp_path / "inputs"
     inputs.mkdir()

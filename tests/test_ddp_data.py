@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import webdataset as wds
 
 from data_tools.video_io import encode_mp4
 from tests.test_video_datamodule import indexed_clip
+
+pytestmark = pytest.mark.slow  # 2 DDP processes per test (make test-fast leaves them out)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,6 +34,7 @@ def test_min_snr_weights_are_one_x0_weight_for_every_target() -> None:
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.slow
 def test_loss_falls_on_an_overfit_batch(digits_data_root: Path, tmp_path: Path, prediction_type: str) -> None:
     model, cfg = tiny_model(
         digits_data_root, tmp_path, f"paradigm.noise_scheduler.prediction_type={prediction_type}"

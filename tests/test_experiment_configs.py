@@ -23,13 +23,6 @@ REQUIRED = {
     "dpo_pretrained": ["pretrained=PIPELINE_DIR", "pairs_dir=PAIRS_DIR"],
     "animatediff_motionlora": ["pretrained=SD_DIR", "bundle.motion_adapter=MOTION_ADAPTER_DIR"],
 }
-TINY = {
-    "model.channels=[8,16,16]",
-    "paradigm.text_encoder.text_cfg.width=16",
-    "paradigm.text_encoder.text_cfg.layers=1",
-    "paradigm.text_encoder.embed_dim=16",
-    "paradigm.text_encoder.weights=null",  # the quickstart's text stage is not trained here
-}
 
 
 def compose_experiment(name: str, overrides: list[str] = ()) -> object:
@@ -53,9 +46,9 @@ def test_experiment_composes_and_resolves(name):
 
 @pytest.mark.parametrize("name", ["vdm", "magicvideo", "videofactory", "latent_shift", "video_ldm", "lvdm", "modelscope"])
 def test_tiny_system_builds_and_denoises(name):
-    overrides = [o for o in TINY if not (name == "modelscope" and o.startswith("model."))]
-    if name == "modelscope":
-        overrides.append("model.config.block_out_channels=[8,16,16]")
+    overrides = ["debug=tiny"]  # experiments/conf/debug/tiny.yaml: the quickstart's U-Net and text tower
+    if name == "modelscope":  # diffusers' UNet3DConditionModel: sized by model.config, no `channels`
+        overrides += ["~model.channels", "model.config.block_out_channels=[8,16,16]"]
     cfg = compose_experiment(name, overrides)
     torch.manual_seed(0)
     module = instantiate(cfg.paradigm, net=instantiate(cfg.model))
@@ -67,8 +60,7 @@ def test_tiny_system_builds_and_denoises(name):
 
 
 def test_latent_option_composes_onto_a_system_and_diffuses_latents():
-    overrides = [*TINY, "+autoencoder=digits", "paradigm.autoencoder.weights=null", "paradigm.autoencoder.block_out_channels=[8,16]", "paradigm.autoencoder.norm_num_groups=4"]
-    cfg = compose_experiment("magicvideo", overrides)
+    cfg = compose_experiment("magicvideo", ["debug=tiny_latent", "paradigm.autoencoder.weights=null"])
     torch.manual_seed(0)
     module = instantiate(cfg.paradigm, net=instantiate(cfg.model))
     assert module.net.conv_in.in_channels == 4
@@ -94,3 +86,18 @@ def test_the_net_takes_its_widths_from_whatever_text_encoder_the_paradigm_builds
     assert conditioning["context"].shape[-1] == 24 and conditioning["pooled"].shape[-1] == 12
     x = torch.randn(2, 1, 4, 16, 16)
     assert module.net(x, torch.tensor([10, 900]), **conditioning).shape == x.shape
+
+
+def test_no_config_group_is_named_like_a_key_of_the_sample_or_export_config():
+    """effvid-sample and effvid-export compose from the same experiments/conf: a group named like
+    one of their keys (a `prompts/` group beside sample.yaml's `prompts`) turns `prompts=[...]`
+    on their command line into a group choice that does not exist."""
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).parents[1] / "experiments/conf"
+    groups = {p.name for p in conf.iterdir() if p.is_dir() and not p.name.startswith("__")}
+    for name in ("sample", "export"):
+        keys = set(OmegaConf.load(conf / f"{name}.yaml")) - {"defaults", "hydra"}
+        assert not keys & groups, f"{name}.yaml keys that are also config groups: {sorted(keys & groups)}"
+    with initialize_config_module("experiments.conf", version_base="1.3"):
+        assert compose("sample", ["prompts=[a handwritten 3 moving up]"]).prompts == ["a handwritten 3 moving up"]

@@ -189,6 +189,7 @@ def test_a_plain_pickle_checkpoint_is_refused_for_what_it_is(tmp_path):
     assert "legacy.ckpt" in str(refused.value) and "mmap" not in str(refused.value)
 
 
+@pytest.mark.slow
 def test_oversized_clips_are_refused_before_decoding_and_allocation_failures_are_skipped(tmp_path):
     """A clip declaring 1024x1024 x 16 frames, read whole under a 150 MB address-space cap above
     what the process already maps: with a budget it is skipped unread; without one its frames
@@ -275,6 +276,7 @@ def test_a_second_start_of_a_running_id_fails_at_once_and_changes_nothing(tmp_pa
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
+@pytest.mark.slow
 def test_two_concurrent_starts_of_one_id_give_one_run(tmp_path, digits_data_root):
     args = [sys.executable, "-m", "experiments.train", *tiny_overrides(digits_data_root, tmp_path, max_steps=1),
             "~logger", "trainer.limit_val_batches=0", "run_id=same"]

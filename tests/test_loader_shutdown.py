@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 JOINT_RUN = """
@@ -51,6 +53,7 @@ print("exiting")
 """
 
 
+@pytest.mark.slow
 def test_joint_loader_shuts_its_source_workers_down_and_the_process_exits(tmp_path: Path) -> None:
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", JOINT_RUN, str(tmp_path)], cwd=REPO, env=env,

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from experiments.run_history import STEP_KEY, load_history, read_metrics_file
@@ -28,6 +29,7 @@ def trace_losses(path: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in map(json.loads, path.read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_kill_9_and_resumed_logs_every_step_once(digits_data_root: Path, tmp_path: Path) -> None:
     killed_trace, resumed_trace = tmp_path / "killed.jsonl", tmp_path / "resumed.jsonl"
     trace_cfg = f"{{_target_: tests.batch_trace.BatchTrace, path: '{killed_trace}', pause_after: {KILL_AFTER}}}"

@@ -122,6 +122,7 @@ def test_causal_temporal_attention_ignores_future_frames():
     assert not torch.allclose(full(changed, frames).view_as(after)[:, :4], full(x, frames).view_as(before)[:, :4])
 
 
+@pytest.mark.slow
 def test_unet_and_text_encoder_overfit_a_fixed_batch():
     torch.manual_seed(0)
     encoder = OpenClipTextEncoder(text_cfg=TINY_TEXT, embed_dim=32, trainable=True)

@@ -139,6 +139,7 @@ def test_the_readme_lists_exactly_the_commands_this_test_knows():
     assert readme_commands() == list(COMMANDS), "a README command changed: run it here or say why a CPU cannot"
 
 
+@pytest.mark.slow
 def test_every_readme_command_a_cpu_can_run_runs_as_written(tmp_path, capsys, monkeypatch):
     c = {command: command for command in COMMANDS}  # spelled as in the README
     root, runs = tmp_path / "data", tmp_path / "runs"
@@ -181,9 +182,8 @@ def test_every_readme_command_a_cpu_can_run_runs_as_written(tmp_path, capsys, mo
     assert "samples" in run(c["effvid-data inspect SHARD_DIR"], SHARD_DIR=str(shards / "train"))
 
     # A latent quickstart with a frozen text tower (the README's example: experiment=magicvideo ...).
-    overrides = [*tiny, "+autoencoder=digits", f"paradigm.autoencoder.weights={vae_weights(tmp_path / 'vae.ckpt', 0)}",
-                 "paradigm.autoencoder.block_out_channels=[8,16]", "paradigm.autoencoder.norm_num_groups=4",
-                 "paradigm.text_encoder.trainable=false"]
+    overrides = [*tiny_overrides(root, runs, max_steps=2, debug="tiny_latent"),
+                 f"paradigm.autoencoder.weights={vae_weights(tmp_path / 'vae.ckpt', 0)}", "paradigm.text_encoder.trainable=false"]
     encoded = root / "digits" / "encoded"
     run(c["effvid-data encode --input SHARD_DIR --out ENCODED_DIR OVERRIDES"],
         SHARD_DIR=str(shards / "train"), ENCODED_DIR=str(encoded / "train"), OVERRIDES=overrides)

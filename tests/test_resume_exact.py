@@ -67,6 +67,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return checkpoint["state_dict"] | {f"raw.{k}": v for k, v in checkpoint["current_model_state"].items()}
 
 
+@pytest.mark.slow
 def test_kill_9_or_a_signal_to_the_group_then_resume_continues_bitwise(digits_data_root: Path, tmp_path: Path) -> None:
     """Ctrl-C in a terminal signals the whole group, loader workers included: the run saves the
     step it finished, exits 130 with status interrupted, and resumes like a kill -9'd run."""
@@ -158,6 +159,7 @@ io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
 """
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_save_leaves_the_previous_checkpoint_loadable(tmp_path: Path) -> None:
     path = tmp_path / "checkpoints" / "last.ckpt"
     result = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(path)], cwd=REPO, env=ENV,

@@ -228,6 +228,7 @@ def test_help_has_examples(capsys) -> None:
     assert "effvid-runs compare" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_compare_selects_runs_by_group_and_tag_and_plots_step_and_time(runs_dir: Path, tmp_path: Path, capsys) -> None:
     import shutil
 
@@ -252,6 +253,7 @@ def test_compare_selects_runs_by_group_and_tag_and_plots_step_and_time(runs_dir:
     assert "group='nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_online_selects_by_group_and_tag_through_the_wandb_api(monkeypatch) -> None:
     import wandb
 

@@ -24,6 +24,7 @@ def perturbed_model(digits_data_root: Path, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.slow
 def test_every_sampler_is_finite_shaped_and_seeded(perturbed_model, sampler: str) -> None:
     prompts = ["a handwritten 1 moving up", "a handwritten 2 moving left"]
     first = perturbed_model.generate(prompts, sampler=sampler, steps=2, seed=1, num_frames=4)
@@ -32,6 +33,7 @@ def test_every_sampler_is_finite_shaped_and_seeded(perturbed_model, sampler: str
     assert torch.equal(first, perturbed_model.generate(prompts, sampler=sampler, steps=2, seed=1, num_frames=4))
 
 
+@pytest.mark.slow
 def test_guidance_rescale_changes_guided_samples_only(perturbed_model) -> None:
     prompts = ["a handwritten 3 moving up"]
     plain = perturbed_model.sample
@@ -98,6 +100,7 @@ def test_deepcache_reuses_deep_features_between_full_calls(blocks_per_level: int
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_deep_cache_context_samples_and_restores_the_net(perturbed_model) -> None:
     net = perturbed_model.net
     prompts = ["a handwritten 4 moving right"]
@@ -112,6 +115,7 @@ def test_deep_cache_context_samples_and_restores_the_net(perturbed_model) -> Non
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_sampling_benchmark_extends_a_run_with_the_noise_one_longer_run_draws(perturbed_model) -> None:
     from benchmarks.sampling import digit_prompts, measure, merge_rows
 

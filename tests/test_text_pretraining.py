@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import pytest
 import torch
 
 from lit_models.conditioning import OpenClipTextEncoder
@@ -15,6 +16,7 @@ from lit_models.video_classifier import DigitClipEncoder, real_digit_clips
 TINY_TEXT = dict(width=16, layers=1, heads=2, context_length=12, vocab_size=49408)
 
 
+@pytest.mark.slow
 def test_stage_learns_caption_clip_pairs_and_hands_its_tower_to_a_frozen_encoder(tmp_path):
     torch.manual_seed(0)
     stage = CaptionClipPretraining(

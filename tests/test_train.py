@@ -33,6 +33,7 @@ def runs(digits_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return runs_dir
 
 
+@pytest.mark.slow
 def test_a_run_leaves_config_checkpoints_samples_and_a_wandb_run(runs: Path) -> None:
     run = runs / "a"
     status = json.loads((run / "run.json").read_text())
@@ -52,6 +53,7 @@ def test_a_run_leaves_config_checkpoints_samples_and_a_wandb_run(runs: Path) -> 
     assert (run / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_step_optimizer_and_wandb_run(runs: Path, digits_data_root: Path) -> None:
     again = cli("experiments.train", f"runs_dir={runs}", "resume=a", check=False)
     assert again.returncode != 0
@@ -73,6 +75,7 @@ def test_resume_continues_step_optimizer_and_wandb_run(runs: Path, digits_data_r
     assert [row["step"] for row in rows if "train/loss" in row] == list(range(7))
 
 
+@pytest.mark.slow
 def test_validation_samples_come_from_the_checkpointed_ema_weights(runs: Path, tmp_path: Path) -> None:
     # effvid-sample loads last.ckpt's state_dict (the EMA weights); with the run's prompts and
     # seed it must redraw exactly the videos that validation wrote at the same step.
@@ -84,6 +87,7 @@ def test_validation_samples_come_from_the_checkpointed_ema_weights(runs: Path, t
         assert np.array_equal(decode_mp4(ours), decode_mp4(theirs)), ours.name
 
 
+@pytest.mark.slow
 def test_sample_writes_requested_videos_from_a_run(runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "samples"
     cli(
@@ -94,6 +98,7 @@ def test_sample_writes_requested_videos_from_a_run(runs: Path, tmp_path: Path) -
     assert (out / "captions.txt").read_text().splitlines() == ["a handwritten 3 moving up"] * 2
 
 
+@pytest.mark.slow
 def test_runs_compare_lists_both_runs_with_final_metrics(runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp.png"
     result = cli("experiments.runs", "compare", "a", "b", "--runs-dir", str(runs), "--format", "json", "--out", str(out))

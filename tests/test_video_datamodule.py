@@ -236,6 +236,7 @@ def test_resolve_shards_accepts_dirs_braces_globs_and_lists_and_ignores_manifest
         resolve_shards([tmp_path / "a", a0])
 
 
+@pytest.mark.slow
 def test_two_workers_over_two_shards_see_every_sample_exactly_once_per_epoch(tmp_path):
     samples = write_shards(tmp_path / "shards", num_shards=2, per_shard=5)
     dm = VideoShardDataModule(tmp_path / "shards", val_shards=tmp_path / "shards", batch_size=1,
