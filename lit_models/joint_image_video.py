@@ -4,7 +4,8 @@ Each clip of a batch gets K images appended along its frame axis (K = ceil(image
 the last clips' spare slots filled by repeating images, with zero loss weight). The images are
 marked in `image_frames`, so every temporal op leaves them alone and they feed nothing to the
 clip's frames, while the spatial layers train on both. Each frame is conditioned on its own
-caption (the clip's for its frames, each image's for itself). A batch of only images runs
+caption (the clip's for its frames, each image's for itself), dropped for guidance per clip and per
+image, as sampling's unconditional pass sees it. A batch of only images runs
 them as one-frame clips. Timesteps and noise levels are per clip, as in VDM.
 """
 
@@ -69,11 +70,23 @@ class JointImageVideoLoss(DenoisingLoss):
         return x0, image_frames, weights, captions
 
     @staticmethod
-    def frame_conditioning(module: Any, captions: list[list[str]], image_frames: Tensor, drop: bool) -> Conditioning:
+    def caption_keep(image_frames: Tensor, cfg_dropout: float) -> Tensor:
+        """Which frames keep their caption `(B, F)` under classifier-free-guidance dropout: one
+        draw per clip for all its video frames, one per image. Sampling's unconditional pass
+        gives every frame of a clip the empty caption; dropping frames one by one would leave
+        that case untrained (0.1^8 of 8-frame clips) and mix captioned and empty frames instead."""
+        draws = torch.rand(image_frames.shape)  # (B, F)
+        # `arrange` puts a clip's video frames first, so frame 0 holds the clip's draw
+        # (a clip of images only is one image per row: its frame 0 is that image).
+        per_clip = draws[:, :1].expand_as(draws)
+        return torch.where(image_frames.cpu().bool(), draws, per_clip) >= cfg_dropout
+
+    @classmethod
+    def frame_conditioning(cls, module: Any, captions: list[list[str]], image_frames: Tensor, drop: bool) -> Conditioning:
         """Per-frame text conditioning `(B, F, ...)`, every distinct caption encoded once."""
         flat = [c for clip in captions for c in clip]
         if drop and module.cfg_dropout > 0:
-            keep = (torch.rand(len(flat)) >= module.cfg_dropout).tolist()
+            keep = cls.caption_keep(image_frames, module.cfg_dropout).flatten().tolist()
             flat = [c if k else "" for c, k in zip(flat, keep)]
         unique = sorted(set(flat))
         index = torch.tensor([unique.index(c) for c in flat])

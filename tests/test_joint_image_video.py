@@ -162,3 +162,21 @@ def test_image_loss_trains_spatial_layers_only_and_weights_combine():
 
     only_images = module.objective.joint_loss(module, mixed_batch(clips=0, images=3), drop=True)
     assert "video" not in only_images and only_images["loss"] > 0
+
+
+def test_caption_dropout_drops_whole_clips_as_sampling_uncondition_does():
+    # Sampling's unconditional pass gives every frame of a clip the empty caption; dropping
+    # frames one by one would leave that input untrained and mix captioned and empty frames.
+    module = tiny_joint()
+    module.cfg_dropout = 0.5
+    batch = mixed_batch(clips=64, images=128)
+    _, image_frames, _, captions = module.objective.arrange(batch)  # 4 clip frames + 2 images per row
+    torch.manual_seed(0)
+    pooled = module.objective.frame_conditioning(module, captions, image_frames, drop=True)["pooled"]  # (64, 6, P)
+    empty = module.encode_captions([""])["pooled"][0]
+    dropped = (pooled - empty).abs().amax(dim=-1) < 1e-6  # (64, 6)
+    clip_frames, image_slots = dropped[:, :4], dropped[:, 4:]
+    assert (clip_frames == clip_frames[:, :1]).all()  # a clip keeps or drops its caption as a whole
+    assert 10 < int(clip_frames[:, 0].sum()) < 54  # ~half the clips dropped
+    assert (image_slots[:, 0] != image_slots[:, 1]).any()  # images are independent samples
+    assert (image_slots != clip_frames[:, :2]).any()
