@@ -16,12 +16,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 from einops import rearrange
 from torch import Tensor
 
 from lit_models.diffusion import DiffusionModule
-from lit_models.forward_process import Conditioning, min_snr_weights
+from lit_models.forward_process import Conditioning
 from lit_models.objectives import DenoisingLoss, Losses
 
 
@@ -97,19 +96,16 @@ class JointImageVideoLoss(DenoisingLoss):
 
     @staticmethod
     def frame_losses(module: Any, x0: Tensor, conditioning: Conditioning, generator: torch.Generator | None = None) -> Tensor:
-        """Min-SNR-weighted denoising loss per frame `(B, F)`; one timestep per clip."""
-        batch_size = x0.shape[0]
-        timesteps = torch.randint(
-            0, module.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator
-        ).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0)  # (B, C, F, H, W)
-        prediction = module.net(module.noise_scheduler.add_noise(x0, noise, timesteps), timesteps, **conditioning)
-        loss = F.mse_loss(prediction.float(), module.target(x0, noise, timesteps).float(), reduction="none")
-        loss = loss.mean(dim=(1, 3, 4))  # (B, F)
-        if module.min_snr_gamma is not None:
-            snr = compute_snr(module.noise_scheduler, timesteps)
-            loss = loss * min_snr_weights(snr, module.min_snr_gamma, module.prediction_type)[:, None]
-        return loss
+        """Weighted denoising loss per frame `(B, F)`; one timestep per clip. The module's own
+        forward process draws the timesteps and noise and gives x_t and the target, so a joint
+        run trains on the schedule a clip-only run would (flow matching, VideoFusion noise)."""
+        timesteps = module.draw_timesteps(x0, generator)  # (B,)
+        noise = module.draw_noise(tuple(x0.shape), generator).to(x0)  # (B, C, F, H, W)
+        x_t, target = module.noisy_and_target(x0, noise, timesteps)
+        prediction = module.net(x_t, timesteps, **conditioning)
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 3, 4))  # (B, F)
+        weights = module.loss_weights(timesteps)
+        return loss if weights is None else loss * weights[:, None]
 
     def joint_loss(self, module: Any, batch: dict[str, Any], drop: bool, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         x0, image_frames, weights, captions = self.arrange(batch)
