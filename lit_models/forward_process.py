@@ -135,8 +135,14 @@ class ForwardProcess:
         else:  # the mean over the frames that were noised
             weight = (~clean_mask).to(loss.dtype).expand_as(loss)
             loss = (loss * weight).flatten(1).sum(dim=1) / weight.flatten(1).sum(dim=1).clamp_min(1.0)
-        if self.min_snr_gamma is not None and not self.flow_matching:
-            snr = compute_snr(self.noise_scheduler, timesteps)
-            loss = loss * min_snr_weights(snr, self.min_snr_gamma, self.prediction_type)
-        return loss
+        weights = self.loss_weights(timesteps)
+        return loss if weights is None else loss * weights
+
+    def loss_weights(self, timesteps: Tensor) -> Tensor | None:
+        """Per-sample weights `(B,)` of the denoising loss at `timesteps`: Min-SNR for DDPM-style
+        schedules when `min_snr_gamma` is set, else None (the plain MSE)."""
+        if self.min_snr_gamma is None or self.flow_matching:
+            return None
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        return min_snr_weights(snr, self.min_snr_gamma, self.prediction_type)
 

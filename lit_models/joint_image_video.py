@@ -4,7 +4,8 @@ Each clip of a batch gets K images appended along its frame axis (K = ceil(image
 the last clips' spare slots filled by repeating images, with zero loss weight). The images are
 marked in `image_frames`, so every temporal op leaves them alone and they feed nothing to the
 clip's frames, while the spatial layers train on both. Each frame is conditioned on its own
-caption (the clip's for its frames, each image's for itself). A batch of only images runs
+caption (the clip's for its frames, each image's for itself), dropped for guidance per clip and per
+image, as sampling's unconditional pass sees it. A batch of only images runs
 them as one-frame clips. Timesteps and noise levels are per clip, as in VDM.
 """
 
@@ -15,12 +16,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 from einops import rearrange
 from torch import Tensor
 
 from lit_models.diffusion import DiffusionModule
-from lit_models.forward_process import Conditioning, min_snr_weights
+from lit_models.forward_process import Conditioning
 from lit_models.objectives import DenoisingLoss, Losses
 
 
@@ -69,11 +69,23 @@ class JointImageVideoLoss(DenoisingLoss):
         return x0, image_frames, weights, captions
 
     @staticmethod
-    def frame_conditioning(module: Any, captions: list[list[str]], image_frames: Tensor, drop: bool) -> Conditioning:
+    def caption_keep(image_frames: Tensor, cfg_dropout: float) -> Tensor:
+        """Which frames keep their caption `(B, F)` under classifier-free-guidance dropout: one
+        draw per clip for all its video frames, one per image. Sampling's unconditional pass
+        gives every frame of a clip the empty caption; dropping frames one by one would leave
+        that case untrained (0.1^8 of 8-frame clips) and mix captioned and empty frames instead."""
+        draws = torch.rand(image_frames.shape)  # (B, F)
+        # `arrange` puts a clip's video frames first, so frame 0 holds the clip's draw
+        # (a clip of images only is one image per row: its frame 0 is that image).
+        per_clip = draws[:, :1].expand_as(draws)
+        return torch.where(image_frames.cpu().bool(), draws, per_clip) >= cfg_dropout
+
+    @classmethod
+    def frame_conditioning(cls, module: Any, captions: list[list[str]], image_frames: Tensor, drop: bool) -> Conditioning:
         """Per-frame text conditioning `(B, F, ...)`, every distinct caption encoded once."""
         flat = [c for clip in captions for c in clip]
         if drop and module.cfg_dropout > 0:
-            keep = (torch.rand(len(flat)) >= module.cfg_dropout).tolist()
+            keep = cls.caption_keep(image_frames, module.cfg_dropout).flatten().tolist()
             flat = [c if k else "" for c, k in zip(flat, keep)]
         unique = sorted(set(flat))
         index = torch.tensor([unique.index(c) for c in flat])
@@ -84,19 +96,16 @@ class JointImageVideoLoss(DenoisingLoss):
 
     @staticmethod
     def frame_losses(module: Any, x0: Tensor, conditioning: Conditioning, generator: torch.Generator | None = None) -> Tensor:
-        """Min-SNR-weighted denoising loss per frame `(B, F)`; one timestep per clip."""
-        batch_size = x0.shape[0]
-        timesteps = torch.randint(
-            0, module.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator
-        ).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0)  # (B, C, F, H, W)
-        prediction = module.net(module.noise_scheduler.add_noise(x0, noise, timesteps), timesteps, **conditioning)
-        loss = F.mse_loss(prediction.float(), module.target(x0, noise, timesteps).float(), reduction="none")
-        loss = loss.mean(dim=(1, 3, 4))  # (B, F)
-        if module.min_snr_gamma is not None:
-            snr = compute_snr(module.noise_scheduler, timesteps)
-            loss = loss * min_snr_weights(snr, module.min_snr_gamma, module.prediction_type)[:, None]
-        return loss
+        """Weighted denoising loss per frame `(B, F)`; one timestep per clip. The module's own
+        forward process draws the timesteps and noise and gives x_t and the target, so a joint
+        run trains on the schedule a clip-only run would (flow matching, VideoFusion noise)."""
+        timesteps = module.draw_timesteps(x0, generator)  # (B,)
+        noise = module.draw_noise(tuple(x0.shape), generator).to(x0)  # (B, C, F, H, W)
+        x_t, target = module.noisy_and_target(x0, noise, timesteps)
+        prediction = module.net(x_t, timesteps, **conditioning)
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 3, 4))  # (B, F)
+        weights = module.loss_weights(timesteps)
+        return loss if weights is None else loss * weights[:, None]
 
     def joint_loss(self, module: Any, batch: dict[str, Any], drop: bool, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         x0, image_frames, weights, captions = self.arrange(batch)

@@ -162,3 +162,40 @@ def test_image_loss_trains_spatial_layers_only_and_weights_combine():
 
     only_images = module.objective.joint_loss(module, mixed_batch(clips=0, images=3), drop=True)
     assert "video" not in only_images and only_images["loss"] > 0
+
+
+def test_caption_dropout_drops_whole_clips_as_sampling_uncondition_does():
+    # Sampling's unconditional pass gives every frame of a clip the empty caption; dropping
+    # frames one by one would leave that input untrained and mix captioned and empty frames.
+    module = tiny_joint()
+    module.cfg_dropout = 0.5
+    batch = mixed_batch(clips=64, images=128)
+    _, image_frames, _, captions = module.objective.arrange(batch)  # 4 clip frames + 2 images per row
+    torch.manual_seed(0)
+    pooled = module.objective.frame_conditioning(module, captions, image_frames, drop=True)["pooled"]  # (64, 6, P)
+    empty = module.encode_captions([""])["pooled"][0]
+    dropped = (pooled - empty).abs().amax(dim=-1) < 1e-6  # (64, 6)
+    clip_frames, image_slots = dropped[:, :4], dropped[:, 4:]
+    assert (clip_frames == clip_frames[:, :1]).all()  # a clip keeps or drops its caption as a whole
+    assert 10 < int(clip_frames[:, 0].sum()) < 54  # ~half the clips dropped
+    assert (image_slots[:, 0] != image_slots[:, 1]).any()  # images are independent samples
+    assert (image_slots != clip_frames[:, :2]).any()
+
+
+@pytest.mark.parametrize("schedule", ["ddpm_shared_noise", "flow_matching"])
+def test_joint_frame_losses_follow_the_modules_forward_process(schedule):
+    # The joint loss must train on the module's own timesteps, noise and target: a clip-only
+    # arrangement's per-frame losses average to the clip-only loss (VideoFusion noise, flow).
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    module = tiny_joint()
+    if schedule == "flow_matching":
+        module.noise_scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    else:
+        module.shared_noise_ratio = 0.5
+    batch = mixed_batch(clips=3, images=0)
+    x0, image_frames, _, captions = module.objective.arrange(batch)
+    conditioning = module.objective.frame_conditioning(module, captions, image_frames, drop=False)
+    frame_losses = module.objective.frame_losses(module, x0, conditioning, torch.Generator().manual_seed(3))
+    clip_losses = module.diffusion_loss(x0, module.condition(batch, drop=False), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(frame_losses.mean(dim=1), clip_losses)
