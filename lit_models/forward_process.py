@@ -117,10 +117,12 @@ class ForwardProcess:
             return flow_noised(x0, noise, timesteps, self.noise_scheduler.config.num_train_timesteps)
         return self.noise_scheduler.add_noise(x0, noise, timesteps), self.target(x0, noise, timesteps)
 
-    def diffusion_loss(
+    def squared_errors(
         self, x0: Tensor, conditioning: Conditioning, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Weighted denoising loss per sample, shape `(B,)`."""
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One draw of the forward process on clean `x0` `(B, C, F, H, W)`: the squared error of
+        the net's prediction against its target, elementwise `(B, C, F, H, W)`, the timesteps
+        `(B,)`, and the mask of frames given clean (None when the conditioning gives none)."""
         timesteps = self.draw_timesteps(x0, generator)
         noise = self.draw_noise(tuple(x0.shape), generator).to(x0)  # (B, C, F, H, W)
         x_t, target = self.noisy_and_target(x0, noise, timesteps)
@@ -129,7 +131,13 @@ class ForwardProcess:
         if clean_mask is not None:
             x_t = with_clean_frames(x_t, clean, clean_mask)
         prediction = self.net(x_t, timesteps, **conditioning)
-        loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        return F.mse_loss(prediction.float(), target.float(), reduction="none"), timesteps, clean_mask
+
+    def diffusion_loss(
+        self, x0: Tensor, conditioning: Conditioning, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Weighted denoising loss per sample, shape `(B,)`."""
+        loss, timesteps, clean_mask = self.squared_errors(x0, conditioning, generator)
         if clean_mask is None:
             loss = loss.flatten(1).mean(dim=1)  # (B,)
         else:  # the mean over the frames that were noised

@@ -15,7 +15,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
@@ -99,11 +98,8 @@ class JointImageVideoLoss(DenoisingLoss):
         """Weighted denoising loss per frame `(B, F)`; one timestep per clip. The module's own
         forward process draws the timesteps and noise and gives x_t and the target, so a joint
         run trains on the schedule a clip-only run would (flow matching, VideoFusion noise)."""
-        timesteps = module.draw_timesteps(x0, generator)  # (B,)
-        noise = module.draw_noise(tuple(x0.shape), generator).to(x0)  # (B, C, F, H, W)
-        x_t, target = module.noisy_and_target(x0, noise, timesteps)
-        prediction = module.net(x_t, timesteps, **conditioning)
-        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 3, 4))  # (B, F)
+        errors, timesteps, _ = module.squared_errors(x0, conditioning, generator)  # (B, C, F, H, W), (B,)
+        loss = errors.mean(dim=(1, 3, 4))  # (B, F)
         weights = module.loss_weights(timesteps)
         return loss if weights is None else loss * weights[:, None]
 
