@@ -28,6 +28,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import TextTransformer
 from torch import Tensor, nn
 
+from lit_models.checkpoint_weights import load_into, load_prefixed_weights
+
 # Parts of a `CLIP` model that make up its text tower; their state-dict keys are the same as
 # a standalone `TextTransformer`'s.
 _CLIP_TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
@@ -126,19 +128,10 @@ class OpenClipTextEncoder(nn.Module):
         self.pooled_projection = _ResidualProjection(self.pooled_dim) if caption_projection else None
 
     def load_pretrained(self, path: str) -> None:
-        """Load the tower from a checkpoint's `text_encoder.*` entries."""
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for missing or foreign files
-            # `weights` is always a caption-clip stage's checkpoint: say how to make a missing one.
-            hint = ""
-            if isinstance(error, FileNotFoundError):
-                hint = " (a digits_text_pretraining run writes it: effvid-train experiment=digits_text_pretraining run_id=NAME)"
-            raise ValueError(f"OpenClipTextEncoder: cannot read weights {path}: {error}{hint}") from None
-        state = _strip_prefix(checkpoint.get("state_dict", checkpoint), "text_encoder.")
-        if not state:
-            raise ValueError(f"OpenClipTextEncoder: {path} holds no text_encoder.* weights")
-        self.text.load_state_dict(_strip_prefix(state, "text."))
+        """Load the tower from a checkpoint's `text_encoder.text.*` entries."""
+        hint = "a digits_text_pretraining run writes it: effvid-train experiment=digits_text_pretraining run_id=NAME"
+        state = load_prefixed_weights(path, "text_encoder.text.", "OpenClipTextEncoder", hint)
+        load_into(self.text, state, path, "OpenClipTextEncoder")
 
     @property
     def token_dim(self) -> int:
@@ -189,10 +182,6 @@ class _ResidualProjection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.mlp(x)
-
-
-def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 class OpenClipEmbedder(nn.Module):
@@ -252,14 +241,8 @@ class OpenClipEmbedder(nn.Module):
 
     def load_stage_weights(self, path: str) -> None:
         """Load the CLIP of a clip-stage checkpoint (its `clip.model.*` entries)."""
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for missing or foreign files
-            raise ValueError(f"OpenClipEmbedder: cannot read weights {path}: {error}") from None
-        state = _strip_prefix(checkpoint.get("state_dict", checkpoint), "clip.model.")
-        if not state:
-            raise ValueError(f"OpenClipEmbedder: {path} holds no clip.model.* weights (not a clip-stage checkpoint)")
-        self.model.load_state_dict(state)
+        state = load_prefixed_weights(path, "clip.model.", "OpenClipEmbedder", "weights= takes a clip-stage checkpoint")
+        load_into(self.model, state, path, "OpenClipEmbedder")
 
     @property
     def embed_dim(self) -> int:

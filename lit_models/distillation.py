@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from torch import Tensor, nn
 
+from lit_models.checkpoint_weights import read_state_dict
 from lit_models.diffusion import DiffusionModule
 from lit_models.forward_process import Conditioning
 from lit_models.objectives import Losses, Objective
@@ -67,16 +68,13 @@ def consistency_scalings(timesteps: Tensor, sigma_data: float = 0.5, timestep_sc
 
 def load_teacher_weights(module: nn.Module, checkpoint: str | Path) -> None:
     """Load a text-to-video run checkpoint's `net.*` and `text_encoder.*` weights (the EMA ones)."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher_checkpoint {path} does not exist (point it at runs/RUN_ID/checkpoints/last.ckpt)")
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    state = read_state_dict(checkpoint, "teacher_checkpoint", "point it at runs/RUN_ID/checkpoints/last.ckpt")
     state = {k: v for k, v in state.items() if k.startswith(("net.", "text_encoder."))}
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if k.startswith(("net.", "text_encoder."))]
     if missing or unexpected:
         raise ValueError(
-            f"teacher_checkpoint {path} does not match the configured model (model=/paradigm.text_encoder "
+            f"teacher_checkpoint {checkpoint} does not match the configured model (model=/paradigm.text_encoder "
             f"must be the teacher run's): missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
 

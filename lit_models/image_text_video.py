@@ -26,20 +26,13 @@ from open_clip import ClipLoss
 from torch import Tensor, nn
 
 from data_tools.digits import image_caption_for
+from lit_models.checkpoint_weights import entries_under, load_into, read_state_dict
 from lit_models.conditioning import OpenClipEmbedder
 from lit_models.diffusion import DiffusionModule
 from lit_models.forward_process import Conditioning
 from lit_models.objectives import DenoisingLoss, Losses
 
 STAGES = ("t2i", "video")
-
-
-def load_state_dict_from(path: str) -> dict[str, Tensor]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for missing or foreign files
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
-    return checkpoint.get("state_dict", checkpoint)
 
 
 class ClipPretraining(L.LightningModule):
@@ -162,14 +155,13 @@ class ImageTextToVideo(DiffusionModule):
 
     def load_stage_checkpoint(self, path: str) -> None:
         """The net (and prior) of an earlier stage's checkpoint; the CLIP stays as configured."""
-        state = load_state_dict_from(path)
-        net_state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+        state = read_state_dict(path, "ImageTextToVideo", "init_from takes an earlier stage's checkpoint")
+        net_state, prior_state = entries_under(state, "net."), entries_under(state, "prior.")
         if not net_state:
             raise ValueError(f"ImageTextToVideo: {path} holds no net.* weights")
-        self.net.load_state_dict(net_state)
-        prior_state = {k[len("prior.") :]: v for k, v in state.items() if k.startswith("prior.")}
+        load_into(self.net, net_state, path, "ImageTextToVideo")
         if self.prior is not None and prior_state:
-            self.prior.load_state_dict(prior_state)
+            load_into(self.prior, prior_state, path, "ImageTextToVideo")
 
     # --- conditioning -------------------------------------------------------------------
     @staticmethod

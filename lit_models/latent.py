@@ -19,6 +19,8 @@ from diffusers import AutoencoderKL
 from einops import rearrange
 from torch import Tensor, nn
 
+from lit_models.checkpoint_weights import load_into, load_prefixed_weights
+
 
 class FrameAutoencoder(nn.Module):
     """`AutoencoderKL` per frame: videos `(B, C, F, H, W)` <-> latents `(B, c, F, H/f, W/f)`.
@@ -62,15 +64,9 @@ class FrameAutoencoder(nn.Module):
                 latent_channels=latent_channels, norm_num_groups=norm_num_groups,
             )  # fmt: skip
         if weights is not None:
-            try:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-            except Exception as error:  # torch raises several types for missing or foreign files
-                raise ValueError(f"FrameAutoencoder: cannot read weights {weights}: {error}") from None
-            state = state.get("state_dict", state)
-            vae_state = {k[len("autoencoder.vae.") :]: v for k, v in state.items() if k.startswith("autoencoder.vae.")}
-            if not vae_state:
-                raise ValueError(f"FrameAutoencoder: {weights} holds no autoencoder.vae.* weights (not a vae_digits run)")
-            self.vae.load_state_dict(vae_state)
+            hint = "weights= takes a vae_digits run's checkpoint"
+            state = load_prefixed_weights(weights, "autoencoder.vae.", "FrameAutoencoder", hint)
+            load_into(self.vae, state, weights, "FrameAutoencoder")
         self.scaling_factor = float(scaling_factor if scaling_factor is not None else self.vae.config.scaling_factor)
         self.trainable = trainable
         if not trainable:

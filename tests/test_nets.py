@@ -196,6 +196,15 @@ def test_caption_projection_starts_as_the_frozen_tower_and_is_all_that_trains(tm
     assert trained and all(n.startswith(("token_projection.", "pooled_projection.")) for n in trained)
 
 
+def test_text_tower_weights_of_another_width_name_the_file(tmp_path):
+    # A caption-clip run with another tower width: torch's size-mismatch RuntimeError must
+    # come back as a ValueError saying which weights file does not fit.
+    wider = OpenClipTextEncoder(text_cfg=TINY_TEXT | {"width": 48}, embed_dim=16, trainable=False)
+    torch.save({"state_dict": {f"text_encoder.{k}": v for k, v in wider.state_dict().items()}}, tmp_path / "wide.ckpt")
+    with pytest.raises(ValueError, match=r"(?s)wide\.ckpt.*size mismatch"):
+        OpenClipTextEncoder(text_cfg=TINY_TEXT, embed_dim=16, weights=str(tmp_path / "wide.ckpt"))
+
+
 def test_text_encoder_lr_scale_gives_the_tower_its_own_learning_rate():
     from lit_models.text_to_video import TextToVideo
 
