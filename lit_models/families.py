@@ -37,29 +37,36 @@ class Family:
     Args:
         name: effvid's name (experiment configs, messages).
         pipelines: `model_index.json` `_class_name`s it covers.
-        denoiser: (component name, accepted model classes, wrapper taking the model and the VAE).
+        denoiser_classes, denoiser_component: accepted model classes of the denoiser, and the
+            folder's component holding it.
+        wrap_denoiser: wrapper taking the model and the VAE.
         vae_classes: accepted VAE classes; `video_vae` when it compresses time.
         text_length: tokens per caption at the family pipeline's default, from the components.
         lora_pipeline: the pipeline class whose `save_lora_weights` / `load_lora_weights` the
-            family's LoRAs use; None when diffusers cannot load a LoRA into its denoiser.
-        default_sampler, default_fps: what `effvid-sample` and validation use unless told.
+            family's LoRAs use (default: the first of `pipelines`); None when diffusers cannot
+            load a LoRA into its denoiser.
+        default_fps: what `effvid-sample` and validation use unless told.
         flow_matching: trained with rectified flow (velocity target) rather than DDPM noising.
         motion_modules: AnimateDiff motion modules fit its denoiser.
     """
 
     name: str
     pipelines: tuple[str, ...]
-    denoiser_component: str
     denoiser_classes: tuple[str, ...]
     wrap_denoiser: Callable[[nn.Module, Any], nn.Module]
     vae_classes: tuple[str, ...]
-    video_vae: bool
     text_length: Callable[[dict[str, Any]], int]
-    lora_pipeline: str | None
+    denoiser_component: str = "transformer"
+    video_vae: bool = True
+    lora_pipeline: str | None = ""  # "": filled in with pipelines[0]
     default_fps: float = 8.0
     flow_matching: bool = False
     motion_modules: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.lora_pipeline == "":
+            object.__setattr__(self, "lora_pipeline", self.pipelines[0])  # frozen: set once, here
 
     def wrap_vae(self, vae: nn.Module, patch_size: int) -> nn.Module:
         if self.video_vae:
@@ -99,7 +106,6 @@ FAMILIES: tuple[Family, ...] = (
         video_vae=False,
         text_length=_tokenizer_length,
         lora_pipeline="AnimateDiffPipeline",
-        default_fps=8.0,
         motion_modules=True,
         notes=("an SD 1.x folder; bundle.motion_adapter=PATH adds AnimateDiff's motion modules",),
     ),
@@ -113,56 +119,42 @@ FAMILIES: tuple[Family, ...] = (
         video_vae=False,
         text_length=_tokenizer_length,
         lora_pipeline=None,  # diffusers' UNet3DConditionModel has no LoRA loader (not a PeftAdapterMixin)
-        default_fps=8.0,
     ),
     Family(
         name="cogvideox",
         pipelines=("CogVideoXPipeline",),
-        denoiser_component="transformer",
         denoiser_classes=("CogVideoXTransformer3DModel",),
         wrap_denoiser=lambda model, vae: CogVideoXBackbone(model=model),
         vae_classes=("AutoencoderKLCogVideoX",),
-        video_vae=True,
         text_length=lambda components: int(components["transformer"].config.max_text_seq_length),
-        lora_pipeline="CogVideoXPipeline",
-        default_fps=8.0,
     ),
     Family(
         name="ltx_video",
         pipelines=("LTXPipeline",),
-        denoiser_component="transformer",
         denoiser_classes=("LTXVideoTransformer3DModel",),
         wrap_denoiser=_wrap_ltx,
         vae_classes=("AutoencoderKLLTXVideo",),
-        video_vae=True,
         text_length=lambda components: 128,  # LTXPipeline.__call__'s max_sequence_length
-        lora_pipeline="LTXPipeline",
         default_fps=25.0,
         flow_matching=True,
     ),
     Family(
         name="wan",
         pipelines=("WanPipeline",),
-        denoiser_component="transformer",
         denoiser_classes=("WanTransformer3DModel",),
         wrap_denoiser=lambda model, vae: WanBackbone(model=model),
         vae_classes=("AutoencoderKLWan",),
-        video_vae=True,
         text_length=lambda components: 512,  # WanPipeline.__call__'s max_sequence_length
-        lora_pipeline="WanPipeline",
         default_fps=16.0,
         flow_matching=True,
     ),
     Family(
         name="hunyuan_video",
         pipelines=("HunyuanVideoPipeline",),
-        denoiser_component="transformer",
         denoiser_classes=("HunyuanVideoTransformer3DModel",),
         wrap_denoiser=lambda model, vae: HunyuanVideoBackbone(model=model),
         vae_classes=("AutoencoderKLHunyuanVideo",),
-        video_vae=True,
         text_length=lambda components: 256,  # HunyuanVideoPipeline.__call__'s max_sequence_length
-        lora_pipeline="HunyuanVideoPipeline",
         default_fps=24.0,
         flow_matching=True,
         notes=("guidance-distilled: the embedded guidance (6.0) is the wrapper's; sample at guidance 1",),
@@ -170,14 +162,12 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         name="latte",
         pipelines=("LattePipeline",),
-        denoiser_component="transformer",
         denoiser_classes=("LatteTransformer3DModel",),
         wrap_denoiser=lambda model, vae: LatteBackbone(model=model),
         vae_classes=("AutoencoderKL",),
         video_vae=False,
         text_length=lambda components: 120,  # LattePipeline.encode_prompt's fixed length
         lora_pipeline=None,  # LattePipeline has no load_lora_weights
-        default_fps=8.0,
         notes=("sample with LattePipeline(..., mask_feature=False): effvid trains on the fixed 120-token features",),
     ),
 )
