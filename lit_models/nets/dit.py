@@ -8,7 +8,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from lit_models.nets.layers import Attention
-from lit_models.nets.tokens import ConditionEmbedding, PatchEmbed, mlp, modulate, unpatchify
+from lit_models.nets.tokens import TokenDenoiser, mlp, modulate, unpatchify
 
 
 class AdaLNBlock(nn.Module):
@@ -54,7 +54,7 @@ class FinalLayer(nn.Module):
         return self.proj(modulate(self.norm(x), shift, scale))
 
 
-class SpaceTimeDiT(nn.Module):
+class SpaceTimeDiT(TokenDenoiser):
     """Latte-style DiT denoiser with the `FactorizedUNet` call signature.
 
     Args:
@@ -79,11 +79,7 @@ class SpaceTimeDiT(nn.Module):
         context_dim: int | None = 64,
         pooled_dim: int | None = 64,
     ) -> None:
-        super().__init__()
-        self.out_channels = out_channels or in_channels
-        self.patch_size = patch_size
-        self.patch_embed = PatchEmbed(in_channels, dim, patch_size, (max_size // patch_size) ** 2, max_frames)
-        self.condition = ConditionEmbedding(dim, pooled_dim)
+        super().__init__(in_channels, out_channels, dim, patch_size, max_frames, max_size, pooled_dim)
         self.spatial_blocks = nn.ModuleList(AdaLNBlock(dim, heads, context_dim) for _ in range(depth))
         self.temporal_blocks = nn.ModuleList(AdaLNBlock(dim, heads) for _ in range(depth))
         self.final = FinalLayer(dim, patch_size * patch_size * self.out_channels)
@@ -113,5 +109,5 @@ class SpaceTimeDiT(nn.Module):
             h = temporal(h, per_patch)  # attention across frames at each patch position
             h = rearrange(h, "(b n) f d -> (b f) n d", n=num_patches)
         out = self.final(h, per_frame)  # (B*F, N, p*p*C)
-        out = rearrange(out, "(b f) n e -> b f n e", f=num_frames)
+        out = rearrange(out, "(b f) n e -> b (f n) e", f=num_frames)
         return unpatchify(out, self.patch_size, height, width, self.out_channels)

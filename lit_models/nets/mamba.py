@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from lit_models.nets.dit import FinalLayer
-from lit_models.nets.tokens import ConditionEmbedding, PatchEmbed, modulate, unpatchify
+from lit_models.nets.tokens import TokenDenoiser, modulate, unpatchify
 
 
 def _mamba_block(dim: int, d_state: int, expand: int, use_cuda_kernels: bool) -> nn.Module:
@@ -44,7 +44,7 @@ class BidirectionalMambaBlock(nn.Module):
         return x + gate[:, None] * h
 
 
-class SpaceTimeMamba(nn.Module):
+class SpaceTimeMamba(TokenDenoiser):
     """Mamba denoiser with the `FactorizedUNet` call signature.
 
     Args:
@@ -72,11 +72,7 @@ class SpaceTimeMamba(nn.Module):
         pooled_dim: int | None = 64,
         use_cuda_kernels: bool = False,
     ) -> None:
-        super().__init__()
-        self.out_channels = out_channels or in_channels
-        self.patch_size = patch_size
-        self.patch_embed = PatchEmbed(in_channels, dim, patch_size, (max_size // patch_size) ** 2, max_frames)
-        self.condition = ConditionEmbedding(dim, pooled_dim)
+        super().__init__(in_channels, out_channels, dim, patch_size, max_frames, max_size, pooled_dim)
         self.context_proj = nn.Linear(context_dim, dim) if context_dim is not None else None
         self.blocks = nn.ModuleList(BidirectionalMambaBlock(dim, d_state, expand, use_cuda_kernels) for _ in range(depth))
         self.final = FinalLayer(dim, patch_size * patch_size * self.out_channels)
@@ -90,7 +86,7 @@ class SpaceTimeMamba(nn.Module):
         context_mask: Tensor | None = None,
     ) -> Tensor:
         # x: (B, C, F, H, W), timesteps: (B,), context: (B, L, D_text), pooled: (B, P), context_mask: (B, L)
-        batch_size, _, num_frames, height, width = x.shape
+        batch_size, _, _, height, width = x.shape
         h = rearrange(self.patch_embed(x), "b f n d -> b (f n) d")  # (B, F*N, D)
         embedding = self.condition(timesteps, batch_size, pooled, x.dtype)  # (B, D)
         num_text = 0
@@ -103,5 +99,4 @@ class SpaceTimeMamba(nn.Module):
         for block in self.blocks:
             h = block(h, embedding)
         out = self.final(h[:, num_text:], embedding)  # (B, F*N, p*p*C)
-        out = rearrange(out, "b (f n) e -> b f n e", f=num_frames)
         return unpatchify(out, self.patch_size, height, width, self.out_channels)

@@ -42,10 +42,10 @@ class PatchEmbed(nn.Module):
 
 
 def unpatchify(tokens: Tensor, patch_size: int, height: int, width: int, channels: int) -> Tensor:
-    """Tokens `(B, F, N, p*p*C)` -> video `(B, C, F, H, W)`."""
+    """Per-patch values `(B, F*N, p*p*C)`, frames outermost -> video `(B, C, F, H, W)`."""
     p = patch_size
     return rearrange(
-        tokens, "b f (h w) (p q c) -> b c f (h p) (w q)", h=height // p, w=width // p, p=p, q=p, c=channels
+        tokens, "b (f h w) (p q c) -> b c f (h p) (w q)", h=height // p, w=width // p, p=p, q=p, c=channels
     )
 
 
@@ -75,3 +75,16 @@ def mlp(dim: int, ratio: float = 4.0) -> nn.Sequential:
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: `x (B, L, D)` normalised elsewhere, shifted and scaled per sample `(B, D)`."""
     return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TokenDenoiser(nn.Module):
+    """What DiT, U-ViT and Mamba build first: the patch embedding and the timestep + pooled-text
+    embedding, under the names their checkpoints hold (`patch_embed.*`, `condition.*`)."""
+
+    def __init__(self, in_channels: int, out_channels: int | None, dim: int, patch_size: int, max_frames: int,
+                 max_size: int, pooled_dim: int | None) -> None:  # fmt: skip
+        super().__init__()
+        self.out_channels = out_channels or in_channels
+        self.patch_size = patch_size
+        self.patch_embed = PatchEmbed(in_channels, dim, patch_size, (max_size // patch_size) ** 2, max_frames)
+        self.condition = ConditionEmbedding(dim, pooled_dim)

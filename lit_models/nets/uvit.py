@@ -8,7 +8,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from lit_models.nets.layers import Attention
-from lit_models.nets.tokens import ConditionEmbedding, PatchEmbed, mlp, unpatchify
+from lit_models.nets.tokens import TokenDenoiser, mlp, unpatchify
 
 
 class Block(nn.Module):
@@ -29,7 +29,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class UViT(nn.Module):
+class UViT(TokenDenoiser):
     """U-ViT denoiser with the `FactorizedUNet` call signature.
 
     Sequence: [timestep(+pooled) token, text tokens, video patch tokens (F * N)], full
@@ -57,13 +57,9 @@ class UViT(nn.Module):
         context_dim: int | None = 64,
         pooled_dim: int | None = 64,
     ) -> None:
-        super().__init__()
         if depth % 2 == 0:
             raise ValueError(f"UViT: depth must be odd (in-blocks, mid block, out-blocks), got {depth}")
-        self.out_channels = out_channels or in_channels
-        self.patch_size = patch_size
-        self.patch_embed = PatchEmbed(in_channels, dim, patch_size, (max_size // patch_size) ** 2, max_frames)
-        self.condition = ConditionEmbedding(dim, pooled_dim)
+        super().__init__(in_channels, out_channels, dim, patch_size, max_frames, max_size, pooled_dim)
         self.context_proj = nn.Linear(context_dim, dim) if context_dim is not None else None
         half = depth // 2
         self.in_blocks = nn.ModuleList(Block(dim, heads) for _ in range(half))
@@ -83,7 +79,7 @@ class UViT(nn.Module):
         context_mask: Tensor | None = None,
     ) -> Tensor:
         # x: (B, C, F, H, W), timesteps: (B,), context: (B, L, D_text), pooled: (B, P), context_mask: (B, L)
-        batch_size, _, num_frames, height, width = x.shape
+        batch_size, _, _, height, width = x.shape
         video = rearrange(self.patch_embed(x), "b f n d -> b (f n) d")  # (B, F*N, D)
         prefix = [self.condition(timesteps, batch_size, pooled, x.dtype)[:, None]]  # (B, 1, D)
         mask = [torch.ones(batch_size, 1, dtype=torch.bool, device=x.device)]
@@ -103,5 +99,4 @@ class UViT(nn.Module):
         for block in self.out_blocks:
             h = block(h, key_mask, skips.pop())
         out = self.proj_out(self.norm_out(h[:, num_prefix:]))  # (B, F*N, p*p*C)
-        out = rearrange(out, "b (f n) e -> b f n e", f=num_frames)
         return unpatchify(out, self.patch_size, height, width, self.out_channels)
