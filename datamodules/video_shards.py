@@ -33,7 +33,7 @@ import torch
 from data_tools.mp4_header import DEFAULT_MAX_DECODE_PIXELS
 from datamodules.shard_datamodule import ShardDataModule, SkippedSampleWarning
 from datamodules.shard_lists import ShardSpec
-from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, decode_clip
+from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, decode_clip, sample_frame_indices
 
 __all__ = ["DecodeSamples", "SkippedSampleWarning", "VideoShardDataModule", "collate_clips"]
 
@@ -65,12 +65,13 @@ class DecodeSamples:
 
     def __init__(self, skipped: Any, *, caption_key: str, seed: int, num_frames: int | None, stride: int,
                  random_start: bool, size: int | None, channels: int, timeout: float | None = None,
-                 require_caption: bool = False, max_pixels: int | None = None) -> None:
+                 require_caption: bool = False, max_pixels: int | None = None, cache_mb: float = 0) -> None:  # fmt: skip
         self.skipped, self.caption_key, self.seed = skipped, caption_key, seed
         self.require_caption = require_caption
         self.random_start = random_start
         self.clip_options = dict(num_frames=num_frames, stride=stride, random_start=random_start,
                                  size=size, channels=channels, timeout=timeout, max_pixels=max_pixels)
+        self.cache = DecodedClips(cache_mb) if cache_mb > 0 else None
 
     def _sample_rng(self, url: str, key: str, epoch: int) -> np.random.Generator | None:
         # Seeded per sample, not per stream, so a resumed reader that skips samples without
@@ -119,7 +120,40 @@ class DecodeSamples:
     def decode_media(self, sample: Sample, url: str, key: str, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
         """The sample's tensors (`rng` draws the start frame); raises `VideoDecodeError` /
         `ClipTooShortError` naming it."""
-        return {"video": decode_clip(sample["mp4"], url=url, key=key, rng=rng, **self.clip_options)}
+        if self.cache is None:
+            return {"video": decode_clip(sample["mp4"], url=url, key=key, rng=rng, **self.clip_options)}
+        clip = self.cache.get(url, key)
+        if clip is None:  # every frame, so any start frame of a later epoch is in the cache
+            every_frame = {**self.clip_options, "num_frames": None, "stride": 1, "random_start": False}
+            clip = self.cache.put(url, key, decode_clip(sample["mp4"], url=url, key=key, rng=None, **every_frame))
+        options = self.clip_options
+        try:
+            indices = sample_frame_indices(clip.shape[1], options["num_frames"], options["stride"], options["random_start"], rng)
+        except ClipTooShortError as exc:
+            raise ClipTooShortError(f"sample {key} in shard {url}: {exc}") from exc
+        return {"video": clip[:, indices]}
+
+
+class DecodedClips:
+    """Decoded clips (every frame, resized) kept in a reader's memory up to `max_mb`, so that
+    the epochs after the first decode nothing: a small dataset read for many epochs (the
+    moving digits' 2,000 clips take 32 MB) is otherwise decode-bound on a CPU. Each DataLoader
+    worker holds its own (workers persist across epochs). Clips past the budget are decoded
+    every time: with a cyclic read order, evicting would only ever evict the next clip."""
+
+    def __init__(self, max_mb: float) -> None:
+        self.free = int(max_mb * 2**20)
+        self.clips: dict[tuple[str, str], torch.Tensor] = {}
+
+    def get(self, url: str, key: str) -> torch.Tensor | None:
+        return self.clips.get((url, key))
+
+    def put(self, url: str, key: str, clip: torch.Tensor) -> torch.Tensor:
+        size = clip.numel() * clip.element_size()
+        if size <= self.free:
+            self.clips[(url, key)] = clip
+            self.free -= size
+        return clip
 
 
 def _is_failed_download(sample: Sample) -> bool:
@@ -140,6 +174,8 @@ class VideoShardDataModule(ShardDataModule):
     a clip whose decoding takes longer than `decode_timeout` seconds, a sample without a
     caption (unless `require_caption=False`: empty caption) and a member whose path would
     leave the archive; all are counted in `num_skipped_samples`, as are unreadable tar data.
+    `decoded_cache_mb` keeps up to that many MB of decoded clips per reader (`DecodedClips`):
+    the same batches, decoded once.
     """
 
     collate = staticmethod(collate_clips)
@@ -163,6 +199,7 @@ class VideoShardDataModule(ShardDataModule):
         decode_timeout: float | None = None,
         require_caption: bool = True,
         max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS,
+        decoded_cache_mb: float = 0,
     ) -> None:
         super().__init__(train_shards, val_shards, batch_size=batch_size, val_batch_size=val_batch_size,
                          num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed,
@@ -174,6 +211,7 @@ class VideoShardDataModule(ShardDataModule):
         self.decode_timeout = decode_timeout
         self.require_caption = require_caption
         self.max_decode_pixels = max_decode_pixels
+        self.decoded_cache_mb = decoded_cache_mb
 
     def _decode_stage(self, train: bool) -> DecodeSamples:
         return DecodeSamples(
@@ -181,4 +219,5 @@ class VideoShardDataModule(ShardDataModule):
             num_frames=self.num_frames, stride=self.frame_stride,
             random_start=self.random_start and train, size=self.size, channels=self.channels,
             timeout=self.decode_timeout, require_caption=self.require_caption, max_pixels=self.max_decode_pixels,
+            cache_mb=self.decoded_cache_mb,
         )

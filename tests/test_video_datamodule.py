@@ -262,3 +262,24 @@ def test_epoch_samples_fixes_the_batch_count_by_cycling_through_shards(tmp_path)
         assert set(keys) == set(samples)
     with pytest.raises(ValueError, match="epoch_samples=3 gives no batch"):
         VideoShardDataModule(tmp_path / "shards", batch_size=2, num_workers=2, epoch_samples=3).setup("fit")
+
+
+@pytest.mark.parametrize("cache_mb, decodes_per_clip", [(1.0, 1), (0.01, 3)])
+def test_decoded_clip_cache_gives_the_same_batches_and_decodes_each_clip_once(tmp_path, monkeypatch, cache_mb, decodes_per_clip):
+    from datamodules import video_shards
+
+    write_shards(tmp_path / "shards", num_shards=2, per_shard=4)
+    options = dict(batch_size=2, num_workers=0, num_frames=3, frame_stride=2, size=16, seed=5, shuffle_buffer=8)
+
+    def three_epochs(datamodule):
+        loader = datamodule.train_dataloader()
+        return [batch for _ in range(3) for batch in loader]
+
+    plain = three_epochs(VideoShardDataModule(tmp_path / "shards", **options))
+    decoded = []
+    decode = video_shards.decode_clip
+    monkeypatch.setattr(video_shards, "decode_clip", lambda data, **kw: decoded.append(kw["key"]) or decode(data, **kw))
+    cached = three_epochs(VideoShardDataModule(tmp_path / "shards", decoded_cache_mb=cache_mb, **options))
+    assert [b["key"] for b in cached] == [b["key"] for b in plain]
+    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(cached, plain))  # random start frames too
+    assert len(decoded) == 8 * decodes_per_clip and len(set(decoded)) == 8  # 0.01 MB holds no 16-frame clip
