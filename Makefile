@@ -28,8 +28,8 @@ TEXT_TOWER := runs/digits-text/checkpoints/last.ckpt
 $(TEXT_TOWER): | data
 	$(BIN)/effvid-train experiment=digits_text_pretraining run_id=digits-text
 
-# The run's last validation samples and scores its final weights (30 videos, 3 per prompt) and
-# prints them: a separate effvid-sample pass would draw the same videos again.
+# The run's validation at its last step samples and scores its final weights (50 videos, 5 per
+# prompt) and prints the scores: a separate effvid-sample pass would draw the same videos again.
 quickstart: data $(TEXT_TOWER)
 	$(BIN)/effvid-train experiment=digits_quickstart
 	$(BIN)/effvid-runs list

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from datamodules.shard_lists import ShardSpec, resolve_shards
-from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, sample_frame_indices
+from datamodules.video_decoding import VideoDecodeError
 from datamodules.video_shards import DecodeSamples, Sample, VideoShardDataModule
 from lit_models.encoded_inputs import ENCODER_INFO_NAME, EncoderMismatchError, check_encoders, read_encoder_info
 
@@ -31,18 +31,13 @@ class DecodeEncodedSamples(DecodeSamples):
     media_member = "latent.npy"
 
     def decode_media(self, sample: Sample, url: str, key: str, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
-        options = self.clip_options
         try:
             latent = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)  # (c, F, h, w)
             if latent.ndim != 4:
                 raise ValueError(f"latent has shape {latent.shape}, not (c, F, h, w)")
         except (ValueError, OSError, EOFError) as exc:
             raise VideoDecodeError(f"cannot read latent.npy of sample {key} in shard {url}: {exc}") from None
-        try:
-            indices = sample_frame_indices(latent.shape[1], options["num_frames"], options["stride"],
-                                           options["random_start"], rng)
-        except ClipTooShortError as exc:
-            raise ClipTooShortError(f"sample {key} in shard {url}: {exc}") from exc
+        indices = self.frame_indices(latent.shape[1], url, key, rng)
         out = {"latent": torch.from_numpy(latent[:, indices].astype(np.float32))}
         if "text.npz" in sample:
             try:

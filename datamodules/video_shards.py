@@ -126,12 +126,15 @@ class DecodeSamples:
         if clip is None:  # every frame, so any start frame of a later epoch is in the cache
             every_frame = {**self.clip_options, "num_frames": None, "stride": 1, "random_start": False}
             clip = self.cache.put(url, key, decode_clip(sample["mp4"], url=url, key=key, rng=None, **every_frame))
+        return {"video": clip[:, self.frame_indices(clip.shape[1], url, key, rng)]}
+
+    def frame_indices(self, num_available: int, url: str, key: str, rng: np.random.Generator | None) -> np.ndarray:
+        """`sample_frame_indices` with this stage's options; a too-short clip is named by key and shard."""
         options = self.clip_options
         try:
-            indices = sample_frame_indices(clip.shape[1], options["num_frames"], options["stride"], options["random_start"], rng)
+            return sample_frame_indices(num_available, options["num_frames"], options["stride"], options["random_start"], rng)
         except ClipTooShortError as exc:
             raise ClipTooShortError(f"sample {key} in shard {url}: {exc}") from exc
-        return {"video": clip[:, indices]}
 
 
 class DecodedClips:
@@ -139,7 +142,9 @@ class DecodedClips:
     the epochs after the first decode nothing: a small dataset read for many epochs (the
     moving digits' 2,000 clips take 32 MB) is otherwise decode-bound on a CPU. Each DataLoader
     worker holds its own (workers persist across epochs). Clips past the budget are decoded
-    every time: with a cyclic read order, evicting would only ever evict the next clip."""
+    every time: with a cyclic read order, evicting would only ever evict the next clip. Meant
+    for short clips: a clip is decoded whole, so the decode budget (`max_pixels`) counts all
+    of its frames, not only the sampled ones."""
 
     def __init__(self, max_mb: float) -> None:
         self.free = int(max_mb * 2**20)
