@@ -30,14 +30,15 @@ class DecodeEncodedSamples(DecodeSamples):
 
     media_member = "latent.npy"
 
-    def decode_media(self, sample: Sample, url: str, key: str, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+    def decode_media(self, sample: Sample, url: str, key: str, rng: np.random.Generator | None,
+                     options: dict[str, Any]) -> dict[str, torch.Tensor]:
         try:
             latent = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)  # (c, F, h, w)
             if latent.ndim != 4:
                 raise ValueError(f"latent has shape {latent.shape}, not (c, F, h, w)")
         except (ValueError, OSError, EOFError) as exc:
             raise VideoDecodeError(f"cannot read latent.npy of sample {key} in shard {url}: {exc}") from None
-        indices = self.frame_indices(latent.shape[1], url, key, rng)
+        indices = self.frame_indices(latent.shape[1], url, key, rng, options)
         out = {"latent": torch.from_numpy(latent[:, indices].astype(np.float32))}
         if "text.npz" in sample:
             try:

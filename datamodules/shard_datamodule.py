@@ -19,6 +19,7 @@ from typing import Any
 import lightning
 import webdataset as wds
 
+from datamodules.bucket_batches import BucketPlan
 from datamodules.loaders import ShardLoader, rank_and_world_size
 from datamodules.shard_lists import ShardSpec, check_enough_shards, resolve_shards
 from datamodules.shard_readers import ShardStream, batches_per_reader, count_shard_samples
@@ -180,17 +181,29 @@ class ShardDataModule(lightning.LightningDataModule):
                 f"readers at batch_size={self.batch_size}; raise epoch_samples"
             )
         # Equal batches per reader need every shard's sample count.
-        self.shard_sizes = {url: count_shard_samples(url, self.media) for url in urls}
+        self.shard_sizes = self._count_samples(urls)
         total = sum(self.shard_sizes.values())
         if not total:
             raise ValueError(f"a pass over the training shards yielded no batch: they hold no samples "
                              f"({_list_shards(urls)})")
-        if self.epoch_samples is None and not batches_per_reader(urls, self.shard_sizes, readers, self.batch_size):
+        batch_size = self._mean_batch_size()
+        if self.epoch_samples is None and not batches_per_reader(urls, self.shard_sizes, readers, batch_size):
             raise ValueError(
                 f"a pass over the training shards yielded no batch: {_list_shards(urls)} hold {total} "
                 f"samples, and the least loaded of {readers} reader{'s' if readers > 1 else ''} gets fewer "
-                f"than batch_size={self.batch_size}; lower data.batch_size or data.num_workers"
+                f"than batch_size={batch_size:g}; lower data.batch_size or data.num_workers"
             )
+
+    def _count_samples(self, urls: list[str]) -> dict[str, int]:
+        """The usable samples of every training shard."""
+        return {url: count_shard_samples(url, self.media) for url in urls}
+
+    def _mean_batch_size(self) -> float:
+        return self.batch_size
+
+    def _bucket_plan(self) -> BucketPlan | None:
+        """How training batches are bucketed by shape (None: one shape, `batch_size`)."""
+        return None
 
     def _read_samples(self) -> Any:
         return wds.tarfile_to_samples(handler=CountTarErrors(self._skipped), select_files=SelectFiles(self.members()))
@@ -205,7 +218,7 @@ class ShardDataModule(lightning.LightningDataModule):
             self.train_urls, self.shard_sizes, read=self._read_samples(), decode=self._decode_stage(train=True),
             collate=self.collate, batch_size=self.batch_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
             epoch_samples=self.epoch_samples, first_epoch=int(trainer.current_epoch) if trainer else self._next_epoch,
-            rank=rank, world_size=world_size, num_workers=self.num_workers,
+            rank=rank, world_size=world_size, num_workers=self.num_workers, buckets=self._bucket_plan(),
         )
 
     def val_pipeline(self) -> wds.DataPipeline:

@@ -29,10 +29,13 @@ import tarfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
+
+if TYPE_CHECKING:
+    from datamodules.bucket_batches import BucketPlan
 
 Sample = dict[str, Any]
 
@@ -82,14 +85,19 @@ def deal_shards(urls: list[str], sizes: dict[str, int] | None, num_readers: int,
     return dealt
 
 
-def batches_per_reader(urls: list[str], sizes: dict[str, int], num_readers: int, batch_size: int,
+def batches_per_reader(urls: list[str], sizes: dict[str, int], num_readers: int, batch_size: float,
                        epoch_samples: int | None = None) -> int:
     """Batches every reader yields per epoch (the same in every epoch: largest-first dealing
-    depends on the sizes only, not on the epoch's shuffle)."""
+    depends on the sizes only, not on the epoch's shuffle). With buckets, `batch_size` is the
+    mean over the buckets' batch shares."""
     if epoch_samples is not None:
-        return epoch_samples // (batch_size * num_readers)
+        return _whole(epoch_samples / (batch_size * num_readers))
     dealt = deal_shards(urls, sizes, num_readers, 0, 0)
-    return min(sum(sizes[u] for u in mine) for mine in dealt) // batch_size
+    return _whole(min(sum(sizes[u] for u in mine) for mine in dealt) / batch_size)
+
+
+def _whole(batches: float) -> int:
+    return int(batches + 1e-9)  # a mean batch size of 1.8 is 1.7999...: 1800 samples still give 1000
 
 
 class ShardStream(IterableDataset):
@@ -100,12 +108,15 @@ class ShardStream(IterableDataset):
 
     Stages: `read` turns `{"url"}` dicts into raw tar samples (webdataset), `decode(samples,
     epoch)` turns raw samples into decoded ones (dropping bad ones), `collate` makes a batch.
+    With `buckets` (a `BucketPlan`), every batch is one bucket's shape and size instead
+    (`datamodules/bucket_batches.py`; `sizes` then count the clips that fit a bucket).
     """
 
     def __init__(self, urls: list[str], sizes: dict[str, int], *, read: Callable[[Iterator[Sample]], Iterator[Sample]],
                  decode: Callable[[Iterator[Sample], int], Iterator[Sample]], collate: Callable[[list[Sample]], Sample],
                  batch_size: int, seed: int, shuffle_buffer: int, epoch_samples: int | None = None,
-                 first_epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> None:
+                 first_epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 buckets: BucketPlan | None = None) -> None:
         super().__init__()
         self.urls, self.sizes = urls, sizes
         self.read, self.decode, self.collate = read, decode, collate
@@ -113,7 +124,9 @@ class ShardStream(IterableDataset):
         self.epoch_samples = epoch_samples
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.num_readers = world_size * max(num_workers, 1)
-        self.budget = batches_per_reader(urls, sizes, self.num_readers, batch_size, epoch_samples)
+        self.buckets = buckets
+        self.budget = batches_per_reader(urls, sizes, self.num_readers,
+                                         batch_size if buckets is None else buckets.mean_batch_size, epoch_samples)
         # The position: the epoch of the current (or last) pass, samples drawn and batches
         # yielded in it. Each worker's copy advances its own.
         self.epoch, self.samples, self.batches = first_epoch - 1, 0, 0
@@ -148,10 +161,10 @@ class ShardStream(IterableDataset):
         return self._batches(worker)
 
     def _shard_urls(self, mine: list[str], worker: int) -> Iterator[Sample]:
-        """This reader's shards in the dealt order; with `epoch_samples`, cycled (reshuffled)
-        until the budget is met."""
+        """This reader's shards in the dealt order; with `epoch_samples` or buckets, cycled
+        (reshuffled) until the budget is met."""
         cycle = 0
-        while mine and (self.epoch_samples is not None or cycle == 0):
+        while mine and (self.epoch_samples is not None or self.buckets is not None or cycle == 0):
             order = list(mine)
             if cycle > 0:
                 random.Random(f"cycle:{self.seed}:{self.epoch}:{self.rank}:{worker}:{cycle}").shuffle(order)
@@ -173,6 +186,10 @@ class ShardStream(IterableDataset):
         if self.shuffle_buffer > 1:
             rng = random.Random(f"samples:{self.seed}:{epoch}:{self.rank}:{worker}")
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        if self.buckets is not None:
+            self.samples = 0  # re-counted while the plan replays
+            yield from self.buckets.batches(self, f"{self.rank}:{worker}", mine, iter(samples), self.collate)
+            return
         decoded = self.decode(self._count_and_skip(samples, self.samples), epoch)
         batch: list[Sample] = []
         recent: list[Sample] = []

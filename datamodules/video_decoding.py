@@ -135,19 +135,20 @@ def _decode_frames(data: bytes, num_frames: int | None, stride: int, random_star
         return decode_mp4(data)[indices]
 
 
-def _resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the short side of `(F, C, H, W)` frames to `size`, then crop the centre square."""
+def _resize_center_crop(frames: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize `(F, C, H, W)` frames, keeping their aspect, to the smallest size that covers
+    `size` (a square side, or `(height, width)`), then crop the centre to it."""
+    target_h, target_w = (size, size) if isinstance(size, int) else size
     height, width = frames.shape[-2:]
-    if (height, width) == (size, size):
+    if (height, width) == (target_h, target_w):
         return frames
-    if min(height, width) != size:
-        scale = size / min(height, width)
-        new_hw = (max(size, round(height * scale)), max(size, round(width * scale)))
-        frames = F.interpolate(frames, size=new_hw, mode="bilinear", antialias=True,
-                               align_corners=False)
+    scale = max(target_h / height, target_w / width)
+    new_hw = (max(target_h, round(height * scale)), max(target_w, round(width * scale)))
+    if new_hw != (height, width):
+        frames = F.interpolate(frames, size=new_hw, mode="bilinear", antialias=True, align_corners=False)
         height, width = new_hw
-    top, left = (height - size) // 2, (width - size) // 2
-    return frames[..., top : top + size, left : left + size]
+    top, left = (height - target_h) // 2, (width - target_w) // 2
+    return frames[..., top : top + target_h, left : left + target_w]
 
 
 def decode_clip(
@@ -159,14 +160,14 @@ def decode_clip(
     stride: int,
     random_start: bool,
     rng: np.random.Generator | None,
-    size: int | None,
+    size: int | tuple[int, int] | None,
     channels: int,
     timeout: float | None = None,
     max_pixels: int | None = None,
 ) -> torch.Tensor:
     """Decode mp4 bytes to a float32 clip `(C, F, H, W)` in [-1, 1].
 
-    `size=None` keeps the decoded resolution. `channels` is 3 (RGB) or 1 (luma). Undecodable
+    `size=None` keeps the decoded resolution; an int is a square side, a pair (height, width). `channels` is 3 (RGB) or 1 (luma). Undecodable
     bytes raise `VideoDecodeError` naming `url` and `key`; a too-short clip raises
     `ClipTooShortError` with the same names; decoding longer than `timeout` seconds raises
     `DecodeTimeoutError`. A clip whose header declares more than `max_pixels` pixels for the
@@ -193,7 +194,7 @@ def decode_clip(
         raise VideoDecodeError(f"cannot decode mp4 of sample {key} in shard {url}: {detail}") from exc
 
 
-def _to_clip(frames: np.ndarray, size: int | None, channels: int) -> torch.Tensor:
+def _to_clip(frames: np.ndarray, size: int | tuple[int, int] | None, channels: int) -> torch.Tensor:
     """uint8 `(F, H, W, 3)` frames -> float32 `(C, F, H, W)` in [-1, 1], converted a few frames
     at a time so the float copy never holds the whole clip at its decoded size."""
     chunks = []
@@ -203,6 +204,6 @@ def _to_clip(frames: np.ndarray, size: int | None, channels: int) -> torch.Tenso
             weights = torch.tensor(_LUMA_WEIGHTS).view(1, 3, 1, 1)
             video = (video * weights).sum(dim=1, keepdim=True)  # (f, 1, H, W)
         if size is not None:
-            video = _resize_center_crop(video, size)  # (f, C, size, size)
+            video = _resize_center_crop(video, size)  # (f, C, height, width)
         chunks.append((video / 127.5 - 1.0).clamp_(-1.0, 1.0))
     return rearrange(torch.cat(chunks), "f c h w -> c f h w").contiguous()  # (C, F, H, W)

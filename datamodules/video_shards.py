@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from data_tools.mp4_header import DEFAULT_MAX_DECODE_PIXELS
+from datamodules.bucket_batches import BucketPlan, ShardBuckets, scan_shard
+from datamodules.buckets import BucketTable
 from datamodules.shard_datamodule import ShardDataModule, SkippedSampleWarning
 from datamodules.shard_lists import ShardSpec
 from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, decode_clip, sample_frame_indices
@@ -85,52 +87,57 @@ class DecodeSamples:
             warnings.warn(message, SkippedSampleWarning, stacklevel=3)
         with self.skipped.get_lock():
             self.skipped.value += 1
+        return None
 
     def __call__(self, samples: Iterator[Sample], epoch: int = 0) -> Iterator[Sample]:
         for sample in samples:
-            key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-            where = f"sample {key} in shard {url}"
-            if _outside_archive(key):
-                self._skip(f"skipping {where}: its member path points outside the archive")
-                continue
-            if self.media_member not in sample:
-                # video2dataset keeps failed downloads as json-only samples: counted, not warned about.
-                self._skip(f"skipping {where}: no .{self.media_member} member", warn=not _is_failed_download(sample))
-                continue
-            if self.require_caption and self.caption_key not in sample:
-                self._skip(f"skipping {where}: no .{self.caption_key} caption")
-                continue
-            try:
-                caption = sample[self.caption_key].decode("utf-8") if self.caption_key in sample else ""
-            except UnicodeDecodeError as exc:
-                self._skip(f"skipping {where}: .{self.caption_key} is not UTF-8 ({exc.reason})")
-                continue
-            try:
-                meta = json.loads(sample["json"]) if "json" in sample else {}
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                self._skip(f"skipping {where}: .json is not valid JSON ({exc})")
-                continue
-            try:
-                media = self.decode_media(sample, url, key, self._sample_rng(url, key, epoch))
-            except (VideoDecodeError, ClipTooShortError) as exc:
-                self._skip(f"skipping {exc}")
-                continue
-            yield {**media, "caption": caption.strip(), "key": key, "meta": meta}
+            decoded = self.decode_one(sample, epoch)
+            if decoded is not None:
+                yield decoded
 
-    def decode_media(self, sample: Sample, url: str, key: str, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
-        """The sample's tensors (`rng` draws the start frame); raises `VideoDecodeError` /
-        `ClipTooShortError` naming it."""
+    def decode_one(self, sample: Sample, epoch: int, shape: tuple[int, int, int] | None = None) -> Sample | None:
+        """The decoded sample, or None when it is skipped (warned about and counted). `shape`
+        (frames, height, width), a bucket's, replaces the stage's `num_frames` and `size`."""
+        key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+        where = f"sample {key} in shard {url}"
+        if _outside_archive(key):
+            return self._skip(f"skipping {where}: its member path points outside the archive")
+        if self.media_member not in sample:
+            # video2dataset keeps failed downloads as json-only samples: counted, not warned about.
+            return self._skip(f"skipping {where}: no .{self.media_member} member", warn=not _is_failed_download(sample))
+        if self.require_caption and self.caption_key not in sample:
+            return self._skip(f"skipping {where}: no .{self.caption_key} caption")
+        try:
+            caption = sample[self.caption_key].decode("utf-8") if self.caption_key in sample else ""
+        except UnicodeDecodeError as exc:
+            return self._skip(f"skipping {where}: .{self.caption_key} is not UTF-8 ({exc.reason})")
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return self._skip(f"skipping {where}: .json is not valid JSON ({exc})")
+        options = self.clip_options if shape is None else {**self.clip_options, "num_frames": shape[0], "size": shape[1:]}
+        try:
+            media = self.decode_media(sample, url, key, self._sample_rng(url, key, epoch), options)
+        except (VideoDecodeError, ClipTooShortError) as exc:
+            return self._skip(f"skipping {exc}")
+        return {**media, "caption": caption.strip(), "key": key, "meta": meta}
+
+    def decode_media(self, sample: Sample, url: str, key: str, rng: np.random.Generator | None,
+                     options: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The sample's tensors decoded with `options` (`rng` draws the start frame); raises
+        `VideoDecodeError` / `ClipTooShortError` naming it."""
         if self.cache is None:
-            return {"video": decode_clip(sample["mp4"], url=url, key=key, rng=rng, **self.clip_options)}
+            return {"video": decode_clip(sample["mp4"], url=url, key=key, rng=rng, **options)}
         clip = self.cache.get(url, key)
         if clip is None:  # every frame, so any start frame of a later epoch is in the cache
-            every_frame = {**self.clip_options, "num_frames": None, "stride": 1, "random_start": False}
+            every_frame = {**options, "num_frames": None, "stride": 1, "random_start": False}
             clip = self.cache.put(url, key, decode_clip(sample["mp4"], url=url, key=key, rng=None, **every_frame))
-        return {"video": clip[:, self.frame_indices(clip.shape[1], url, key, rng)]}
+        return {"video": clip[:, self.frame_indices(clip.shape[1], url, key, rng, options)]}
 
-    def frame_indices(self, num_available: int, url: str, key: str, rng: np.random.Generator | None) -> np.ndarray:
+    def frame_indices(self, num_available: int, url: str, key: str, rng: np.random.Generator | None,
+                      options: dict[str, Any] | None = None) -> np.ndarray:
         """`sample_frame_indices` with this stage's options; a too-short clip is named by key and shard."""
-        options = self.clip_options
+        options = options or self.clip_options
         try:
             return sample_frame_indices(num_available, options["num_frames"], options["stride"], options["random_start"], rng)
         except ClipTooShortError as exc:
@@ -205,6 +212,8 @@ class VideoShardDataModule(ShardDataModule):
         require_caption: bool = True,
         max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS,
         decoded_cache_mb: float = 0,
+        buckets: Sequence[Mapping[str, Any]] | None = None,
+        max_upscale: float = 1.0,
     ) -> None:
         super().__init__(train_shards, val_shards, batch_size=batch_size, val_batch_size=val_batch_size,
                          num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed,
@@ -217,6 +226,37 @@ class VideoShardDataModule(ShardDataModule):
         self.require_caption = require_caption
         self.max_decode_pixels = max_decode_pixels
         self.decoded_cache_mb = decoded_cache_mb
+        self.bucket_table = None if buckets is None else BucketTable(buckets, max_upscale, stride=frame_stride)
+        self.bucket_scan: dict[str, ShardBuckets] | None = None
+        self.unfit_clips: list[str] = []
+
+    def _count_samples(self, urls: list[str]) -> dict[str, int]:
+        if self.bucket_table is None:
+            return super()._count_samples(urls)
+        self.bucket_scan = {url: scan_shard(url, self.bucket_table, self.media[0]) for url in urls}
+        self.unfit_clips = [clip for scan in self.bucket_scan.values() for clip in scan.unfit]
+        if self.unfit_clips:
+            warnings.warn(f"{len(self.unfit_clips)} training clips fit no bucket of data.buckets "
+                          f"({self.bucket_table.describe()}, max_upscale={self.bucket_table.max_upscale:g}) "
+                          f"and are left out: {'; '.join(self.unfit_clips[:5])}"
+                          f"{' ...' if len(self.unfit_clips) > 5 else ''}", SkippedSampleWarning, stacklevel=3)
+        totals = [sum(scan.counts[i] for scan in self.bucket_scan.values()) for i in range(len(self.bucket_table))]
+        empty = [b.name for b, n in zip(self.bucket_table, totals) if b.weight is not None and not n]
+        if empty:
+            raise ValueError(f"data.buckets {empty} have a weight but no training clip goes to them "
+                             f"(`effvid-data inspect DIR --buckets CONFIG` shows where the clips go)")
+        return {url: scan.usable for url, scan in self.bucket_scan.items()}
+
+    def _bucket_plan(self) -> BucketPlan | None:
+        if self.bucket_table is None:
+            return None
+        stage = self._decode_stage(train=True)
+        return BucketPlan(self.bucket_table, self.bucket_scan, decode=stage.decode_one, media=self.media[0])
+
+    def _mean_batch_size(self) -> float:
+        if self.bucket_table is None:
+            return self.batch_size
+        return BucketPlan(self.bucket_table, self.bucket_scan, decode=None).mean_batch_size
 
     def _decode_stage(self, train: bool) -> DecodeSamples:
         return DecodeSamples(
