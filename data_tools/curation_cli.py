@@ -48,7 +48,13 @@ sample jsons, plus OUT/contact_sheet.png (the middle frame of a few samples with
 scores) and OUT/histograms.png (duration, motion, sharpness, brightness, ...). OUT defaults
 to SHARD_DIR/_inspect.
 
-example: effvid-data inspect data/curated --samples 16
+With --buckets CONFIG (a YAML with a `buckets:` table, e.g. a data config), it prints how
+the clips fall into the buckets instead: clips and share of batches per bucket, and every
+clip that fits no bucket, by shard and key. Nothing is decoded: sizes come from the jsons.
+
+examples:
+  effvid-data inspect data/curated --samples 16
+  effvid-data inspect data/curated --buckets experiments/conf/data/buckets_example.yaml
 """
 
 
@@ -71,6 +77,8 @@ def add_curation_commands(commands: argparse._SubParsersAction, positive_int) ->
     inspect.add_argument("shard_dir", type=Path, help="folder of *.tar shards")
     inspect.add_argument("--out", type=Path, help="folder for contact_sheet.png and histograms.png (default SHARD_DIR/_inspect)")
     inspect.add_argument("--samples", type=positive_int, default=16, help="samples on the contact sheet (default 16)")
+    inspect.add_argument("--buckets", type=Path, metavar="CONFIG",
+                         help="YAML with a `buckets:` table: show how the clips fall into it")
 
 
 def run_curate(args: argparse.Namespace) -> None:
@@ -93,6 +101,17 @@ def run_curate(args: argparse.Namespace) -> None:
 
 def run_inspect(args: argparse.Namespace) -> None:
     from data_tools.inspect_shards import inspect_shards
+
+    if args.buckets is not None:
+        from data_tools.cli import UsageError
+        from data_tools.inspect_buckets import bucket_report, load_bucket_table
+
+        try:
+            table = load_bucket_table(args.buckets)
+        except ValueError as error:  # a bad table: one line naming the file and the bucket
+            raise UsageError(f"{args.buckets}: {error}") from None
+        print(bucket_report(args.shard_dir, table))
+        return
 
     report = inspect_shards(args.shard_dir, args.out, num_samples=args.samples)
     print(report.text)

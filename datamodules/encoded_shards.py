@@ -67,6 +67,9 @@ class EncodedShardDataModule(VideoShardDataModule):
         return {*self.media, "text.npz", "json", self.caption_key}
 
     def setup(self, stage: str | None = None) -> None:
+        if self.bucket_table is not None:
+            raise ValueError("data.buckets: encoded shards hold latents of one size; bucket the video shards "
+                             "(data=digits-like VideoShardDataModule) or encode each bucket to its own folder")
         super().setup(stage)
         self.encoder_info = self._check_folder(self.train_shards)
         if self.val_shards is not None:

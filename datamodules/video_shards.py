@@ -247,6 +247,14 @@ class VideoShardDataModule(ShardDataModule):
                              f"(`effvid-data inspect DIR --buckets CONFIG` shows where the clips go)")
         return {url: scan.usable for url, scan in self.bucket_scan.items()}
 
+    def check_model(self, model: Any) -> None:
+        """Raise naming the bucket when one of `data.buckets` cannot go through the model's
+        video VAE (e.g. a family that takes 4k+1 frames, or sizes a multiple of 16)."""
+        check = getattr(getattr(model, "autoencoder", None), "check_shape", None)
+        for bucket in self.bucket_table or ():
+            if check is not None:
+                check(*bucket.shape, where=f"data.buckets {bucket.name} (frames x height x width)")
+
     def _bucket_plan(self) -> BucketPlan | None:
         if self.bucket_table is None:
             return None

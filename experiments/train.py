@@ -243,7 +243,7 @@ def _train(cfg: DictConfig, run_dir: Path, owner: bool) -> dict[str, float]:
     try:
         datamodule, model, trainer = build(cfg, run_dir)
         datamodule.setup("fit")  # bad shard paths fail here, before the run folder is kept
-        if hasattr(datamodule, "check_model"):  # encoded shards: made by this run's encoders?
+        if hasattr(datamodule, "check_model"):  # encoded shards' encoders, bucket shapes the VAE takes
             datamodule.check_model(model)
         if resuming:
             check_checkpoint_fits(cfg.resume, model)

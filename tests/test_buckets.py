@@ -157,3 +157,20 @@ def test_a_weighted_bucket_no_clip_goes_to_is_refused_at_setup(tmp_path):
     table = TABLE + [{"frames": 4, "height": 64, "width": 64, "batch_size": 1, "weight": 1}]
     with pytest.raises(ValueError, match=r"data.buckets \['4x64x64'\] have a weight but no training clip"):
         datamodule(tmp_path / "shards", buckets=table)
+
+
+def test_inspect_shows_how_a_folder_falls_into_a_bucket_table(tmp_path, capsys):
+    from data_tools.cli import main
+
+    bucket_shards(tmp_path / "shards", num_shards=1, per_kind=2)
+    config = tmp_path / "data.yaml"
+    config.write_text(json.dumps({"buckets": TABLE, "frame_stride": 1}))  # JSON is YAML
+    assert main(["inspect", str(tmp_path / "shards"), "--buckets", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[2:6]}
+    assert [rows[name][2] for name in ("4x16x16", "4x16x28", "8x16x28")] == ["2", "2", "2"]
+    assert rows["fit"][2] == "4"  # "fit none": the small and the short clips
+    assert any("fits no bucket: shard-000000.tar/short-0-1: 3 frames of 32x32" in line for line in lines)
+    config.write_text(json.dumps({"buckets": [TABLE[0], TABLE[0]]}))
+    assert main(["inspect", str(tmp_path / "shards"), "--buckets", str(config)]) == 2
+    assert "are the same shape 4x16x16" in capsys.readouterr().err
