@@ -31,10 +31,10 @@ def uneven_shards(shard_dir: Path, sizes: list[int], bad_per_shard: int = 0) -> 
                 sink.write({"__key__": f"bad{index}-{j}", "mp4": b"not an mp4" * 20, "txt": b"a clip"})
 
 
-def run_probe(shards: Path, out: Path) -> None:
+def run_probe(shards: Path, out: Path, *buckets: str) -> None:
     out.mkdir()
     env = os.environ | {"PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_probe.py"), str(shards), str(out), "1"],
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_probe.py"), str(shards), str(out), "1", *buckets],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -58,3 +58,18 @@ def test_skipped_samples_are_summed_across_ranks(tmp_path: Path) -> None:
     skipped = [json.loads((out / f"skipped-{r}.json").read_text()) for r in range(2)]
     assert [s["local"] for s in skipped] == [2, 2]  # one bad clip per rank and epoch, 2 epochs
     assert [s["logged"] for s in skipped] == [4, 4]  # what W&B shows: the whole run's count
+
+
+def test_ddp_ranks_get_equal_bucketed_batches_of_one_shape_each(tmp_path: Path) -> None:
+    from tests.test_buckets import CLIPS, TABLE, bucket_shards
+
+    bucket_shards(tmp_path / "shards", num_shards=4, per_kind=2)
+    out = tmp_path / "out"
+    run_probe(tmp_path / "shards", out, json.dumps(TABLE))
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+    shapes = [json.loads((out / f"shapes-{r}.json").read_text()) for r in range(2)]
+    for epoch in ("0", "1"):
+        assert len(ranks[0][epoch]) == len(ranks[1][epoch]) > 0
+        for keys, shape in zip(ranks[0][epoch] + ranks[1][epoch], shapes[0][epoch] + shapes[1][epoch]):
+            buckets = {CLIPS[key.split("-")[0]][1] for key in keys}
+            assert len(buckets) == 1 and shape == [TABLE[b][k] for b in buckets for k in ("frames", "height", "width")]
