@@ -175,11 +175,6 @@ class ShardDataModule(lightning.LightningDataModule):
         self.train_urls = urls = resolve_shards(self.train_shards)
         check_enough_shards(len(urls), self.num_workers, world_size, _describe(self.train_shards, urls))
         readers = max(self.num_workers, 1) * world_size
-        if self.epoch_samples is not None and self.epoch_samples < self.batch_size * readers:
-            raise ValueError(
-                f"epoch_samples={self.epoch_samples} gives no batch to each of {readers} "
-                f"readers at batch_size={self.batch_size}; raise epoch_samples"
-            )
         # Equal batches per reader need every shard's sample count.
         self.shard_sizes = self._count_samples(urls)
         total = sum(self.shard_sizes.values())
@@ -187,6 +182,12 @@ class ShardDataModule(lightning.LightningDataModule):
             raise ValueError(f"a pass over the training shards yielded no batch: they hold no samples "
                              f"({_list_shards(urls)})")
         batch_size = self._mean_batch_size()
+        if self.epoch_samples is not None and not batches_per_reader(urls, self.shard_sizes, readers, batch_size,
+                                                                     self.epoch_samples):
+            raise ValueError(
+                f"epoch_samples={self.epoch_samples} gives no batch to each of {readers} "
+                f"readers at batch_size={batch_size:g}; raise epoch_samples"
+            )
         if self.epoch_samples is None and not batches_per_reader(urls, self.shard_sizes, readers, batch_size):
             raise ValueError(
                 f"a pass over the training shards yielded no batch: {_list_shards(urls)} hold {total} "
