@@ -1,30 +1,27 @@
 """Decode one mp4 sample into a clip tensor: frame sampling, resize/crop, channels, scaling.
 
-Everything here runs inside a DataLoader worker: the decord reader is created per call, so
-no reader (and no decoder thread) ever exists before the workers fork.
+Everything here runs inside a DataLoader worker: the decoder (`data.decoder`, one of
+`video_decoders.DECODERS`) creates its reader per call, so no reader (and no decoder thread)
+ever exists before the workers fork.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import signal
 import threading
-import warnings
 from collections.abc import Iterator
 
-import decord
 import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
 from data_tools.mp4_header import declared_size, over_budget
-from data_tools.video_io import decode_mp4
+from datamodules.video_decoders import get_decoder
 
 # ITU-R BT.601 luma weights, the same ones the H.264 encoder used to make Y from RGB.
 _LUMA_WEIGHTS = (0.299, 0.587, 0.114)
-_warned_decord_fallback = False
 
 
 class VideoDecodeError(RuntimeError):
@@ -113,26 +110,11 @@ def sample_frame_indices(
 
 
 def _decode_frames(data: bytes, num_frames: int | None, stride: int, random_start: bool,
-                   rng: np.random.Generator | None) -> np.ndarray:
-    """Decode the sampled frames of `data` to uint8 `(F, H, W, 3)` RGB."""
-    global _warned_decord_fallback
-    reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-    indices = sample_frame_indices(len(reader), num_frames, stride, random_start, rng)
-    try:
-        return reader.get_batch(indices.tolist()).asnumpy()  # (F, H, W, 3)
-    except decord.DECORDError as exc:
-        # decord 0.6 bug (dmlc/decord#336): for some widths (8, 12, 16, 24, 48, 72, ...) it
-        # returns padded rows and the copy fails. PyAV decodes the same pixels exactly.
-        if "DECORDArrayCopyFromTo" not in str(exc):
-            raise
-        if not _warned_decord_fallback:
-            _warned_decord_fallback = True
-            warnings.warn(
-                "decord cannot return frames of this width (dmlc/decord#336); decoding with "
-                "PyAV instead, which is slower. Shards with widths such as 32/64 avoid this.",
-                stacklevel=2,
-            )
-        return decode_mp4(data)[indices]
+                   rng: np.random.Generator | None, decoder: str = "decord") -> np.ndarray:
+    """Decode the sampled frames of `data` to uint8 `(F, H, W, 3)` RGB with backend `decoder`."""
+    return get_decoder(decoder)(
+        data, lambda num_available: sample_frame_indices(num_available, num_frames, stride, random_start, rng)
+    )
 
 
 def _resize_center_crop(frames: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -164,6 +146,7 @@ def decode_clip(
     channels: int,
     timeout: float | None = None,
     max_pixels: int | None = None,
+    decoder: str = "decord",
 ) -> torch.Tensor:
     """Decode mp4 bytes to a float32 clip `(C, F, H, W)` in [-1, 1].
 
@@ -172,16 +155,18 @@ def decode_clip(
     `ClipTooShortError` with the same names; decoding longer than `timeout` seconds raises
     `DecodeTimeoutError`. A clip whose header declares more than `max_pixels` pixels for the
     frames to decode (width x height x frames) raises `ClipTooLargeError` before any frame is
-    decoded, as does a failed allocation while decoding.
+    decoded, as does a failed allocation while decoding. `decoder` names the backend
+    (`video_decoders.DECODERS`); an unknown or uninstalled one raises `DecoderUnavailableError`.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    get_decoder(decoder)  # a configuration error, raised here rather than skipped as a bad sample below
     if max_pixels is not None and (declared := declared_size(data)) is not None:
         if (problem := over_budget(declared, max_pixels, num_frames)) is not None:
             raise ClipTooLargeError(f"mp4 of sample {key} in shard {url} {problem}")
     try:
         with decode_deadline(timeout):
-            frames = _decode_frames(data, num_frames, stride, random_start, rng)
+            frames = _decode_frames(data, num_frames, stride, random_start, rng, decoder)
         return _to_clip(frames, size, channels)
     except ClipTooShortError as exc:
         raise ClipTooShortError(f"sample {key} in shard {url}: {exc}") from exc

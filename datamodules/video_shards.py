@@ -1,7 +1,7 @@
 """`VideoShardDataModule`: batches of clips from WebDataset video shards (video2dataset layout).
 
 Each shard sample holds `KEY.mp4` (H.264), `KEY.txt` (caption) and `KEY.json` (metadata).
-Only those raw bytes are read and decoded here (mp4 with decord, txt as UTF-8, json with
+Only those raw bytes are read and decoded here (mp4 with `decoder`, txt as UTF-8, json with
 `json.loads`); nothing is ever unpickled.
 
 Training batches come from a `ShardStream` (`datamodules/shard_readers.py`): the shard list,
@@ -35,6 +35,7 @@ from datamodules.bucket_batches import BucketPlan, ShardBuckets, scan_shard
 from datamodules.buckets import BucketTable
 from datamodules.shard_datamodule import ShardDataModule, SkippedSampleWarning
 from datamodules.shard_lists import ShardSpec
+from datamodules.video_decoders import get_decoder
 from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, decode_clip, sample_frame_indices
 
 __all__ = ["DecodeSamples", "SkippedSampleWarning", "VideoShardDataModule", "collate_clips"]
@@ -67,12 +68,14 @@ class DecodeSamples:
 
     def __init__(self, skipped: Any, *, caption_key: str, seed: int, num_frames: int | None, stride: int,
                  random_start: bool, size: int | None, channels: int, timeout: float | None = None,
-                 require_caption: bool = False, max_pixels: int | None = None, cache_mb: float = 0) -> None:  # fmt: skip
+                 require_caption: bool = False, max_pixels: int | None = None, cache_mb: float = 0,
+                 decoder: str = "decord") -> None:  # fmt: skip
         self.skipped, self.caption_key, self.seed = skipped, caption_key, seed
         self.require_caption = require_caption
         self.random_start = random_start
         self.clip_options = dict(num_frames=num_frames, stride=stride, random_start=random_start,
-                                 size=size, channels=channels, timeout=timeout, max_pixels=max_pixels)
+                                 size=size, channels=channels, timeout=timeout, max_pixels=max_pixels,
+                                 decoder=decoder)
         self.cache = DecodedClips(cache_mb) if cache_mb > 0 else None
 
     def _sample_rng(self, url: str, key: str, epoch: int) -> np.random.Generator | None:
@@ -187,7 +190,7 @@ class VideoShardDataModule(ShardDataModule):
     caption (unless `require_caption=False`: empty caption) and a member whose path would
     leave the archive; all are counted in `num_skipped_samples`, as are unreadable tar data.
     `decoded_cache_mb` keeps up to that many MB of decoded clips per reader (`DecodedClips`):
-    the same batches, decoded once.
+    the same batches, decoded once. `decoder` picks the video decoder (`video_decoders.DECODERS`).
     """
 
     collate = staticmethod(collate_clips)
@@ -214,6 +217,7 @@ class VideoShardDataModule(ShardDataModule):
         decoded_cache_mb: float = 0,
         buckets: Sequence[Mapping[str, Any]] | None = None,
         max_upscale: float = 1.0,
+        decoder: str = "decord",
     ) -> None:
         super().__init__(train_shards, val_shards, batch_size=batch_size, val_batch_size=val_batch_size,
                          num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed,
@@ -229,6 +233,8 @@ class VideoShardDataModule(ShardDataModule):
         self.bucket_table = None if buckets is None else BucketTable(buckets, max_upscale, stride=frame_stride)
         self.bucket_scan: dict[str, ShardBuckets] | None = None
         self.unfit_clips: list[str] = []
+        get_decoder(decoder)  # an unknown or uninstalled `data.decoder` fails here, not in a worker
+        self.decoder = decoder
 
     def _count_samples(self, urls: list[str]) -> dict[str, int]:
         if self.bucket_table is None:
@@ -272,5 +278,5 @@ class VideoShardDataModule(ShardDataModule):
             num_frames=self.num_frames, stride=self.frame_stride,
             random_start=self.random_start and train, size=self.size, channels=self.channels,
             timeout=self.decode_timeout, require_caption=self.require_caption, max_pixels=self.max_decode_pixels,
-            cache_mb=self.decoded_cache_mb,
+            cache_mb=self.decoded_cache_mb, decoder=self.decoder,
         )

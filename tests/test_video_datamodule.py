@@ -13,7 +13,7 @@ import webdataset as wds
 from data_tools.video_io import decode_mp4, encode_mp4
 from datamodules import VideoShardDataModule
 from datamodules.shard_lists import resolve_shards
-from datamodules import video_decoding
+from datamodules import video_decoders
 from datamodules.video_decoding import (
     ClipTooShortError,
     VideoDecodeError,
@@ -99,7 +99,7 @@ def test_decoded_frames_equal_pyav_decode(tmp_path):
 def test_width_decord_cannot_return_falls_back_to_identical_pyav_frames(monkeypatch):
     # decord 0.6 fails on some widths (dmlc/decord#336), 48 among them. The warning is given
     # once per process, so another test may already have used it up.
-    monkeypatch.setattr(video_decoding, "_warned_decord_fallback", False)
+    monkeypatch.setattr(video_decoders, "_warned_decord_fallback", False)
     mp4 = encode_mp4(indexed_clip(0, num_frames=6, height=32, width=48))
     with pytest.warns(UserWarning, match="decord#336"):
         video = decode_clip(mp4, url="u", key="k", num_frames=None, stride=1, random_start=False,
