@@ -1,14 +1,23 @@
-"""Clips per second: the datamodule's train loader vs raw decord vs naive PyAV, same clips.
+"""Clips per second, like for like: the datamodule's train loader vs raw decord vs naive PyAV.
 
-    python -m benchmarks.loader [--shards DIR] [--num-clips 256] [--num-frames 8] [--stride 2]
-                                [--size 16] [--workers 2] [--batch-size 16]
+    python -m benchmarks.loader [--shards DIR] [--num-clips N] [--num-frames 8] [--stride 2]
+                                [--size 16] [--channels 3] [--workers 0 1] [--batch-size 16]
+                                [--repeats 3]
 
-Without `--shards` it writes a temporary set of moving-digit clips (32x32, 16 frames, H.264).
-Rows: (a) `VideoShardDataModule.train_dataloader()` (decord + sampling + resize + shuffle +
-collate, in `--workers` processes; the second pass is timed, after worker start-up);
-(b) decord opening each clip's bytes and reading the sampled frames, one process;
-(c) PyAV decoding every frame of each clip, one process. (b) and (c) read the mp4 bytes from
-the tars into memory first and time only the decoding.
+Without `--shards` it writes a temporary set of `--num-clips` (default 256) moving-digit clips
+(32x32, 16 frames, H.264). With `--shards` every row reads all of its clips, or, with
+`--num-clips N`, all rows read the same first N clips (rewritten to a temporary shard set).
+Rows, all on the same clips:
+(a) `VideoShardDataModule.train_dataloader()` with `num_workers=W` for each W in `--workers`:
+    tar reading, shuffle buffer, decord, frame sampling, resize, float, collate; W=0 runs in
+    this process, W=1 in one worker process (plus the batches' trip to this one). One
+    warm-up pass (worker start-up), then timed passes, each the next epoch;
+(b) decord reading the sampled frames that (a) reads in the same epoch (the same start frames,
+    drawn by the datamodule's decode stage), one process, nothing else: the backend's raw rate;
+(c) PyAV decoding every frame of each clip, one process.
+(b) and (c) read the mp4 bytes from the tars into memory first and time only the decoding.
+The rows run interleaved `--repeats` times (the machine may be shared and noisy); each
+number is the median over repeats, and each ratio the median of the ratios within a repeat.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import statistics
 import tarfile
 import tempfile
 import time
@@ -24,11 +34,14 @@ from pathlib import Path
 import decord
 import numpy as np
 import webdataset as wds
+from webdataset.tariterators import base_plus_ext
 
 from data_tools.video_io import decode_mp4, encode_mp4
 from datamodules import VideoShardDataModule
 from datamodules.shard_lists import resolve_shards
-from datamodules.video_decoding import sample_frame_indices
+from datamodules.video_shards import DecodeSamples
+
+Clip = tuple[str, str, bytes]  # (shard url, sample key, mp4 bytes)
 
 
 def synthetic_clip(index: int) -> tuple[np.ndarray, str, dict]:
@@ -55,76 +68,141 @@ def write_synthetic_shards(out_dir: Path, num_clips: int, num_shards: int) -> No
                             "txt": caption.encode(), "json": json.dumps(meta).encode()})
 
 
-def read_mp4_bytes(urls: list[str], limit: int) -> list[bytes]:
+def copy_first_samples(urls: list[str], limit: int, out_dir: Path, num_shards: int) -> None:
+    """The first `limit` samples of `urls`, members unchanged, dealt round-robin to `num_shards`
+    new shards, so that the datamodule reads exactly the clips the raw rows decode."""
+    samples = []
+    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+        samples.append({k: v for k, v in sample.items() if k != "__url__" and not k.startswith("__local")})
+        if len(samples) == limit:
+            break
+    for s in range(num_shards):
+        with wds.TarWriter(str(out_dir / f"shard-{s:06d}.tar")) as sink:
+            for sample in samples[s::num_shards]:
+                sink.write(sample)
+
+
+def read_clips(urls: list[str]) -> list[Clip]:
+    """Every mp4 of the shards, in memory, with the shard and key the datamodule names it by."""
     clips = []
     for url in urls:
         with tarfile.open(url) as tar:
             for member in tar:
-                if member.name.endswith(".mp4"):
-                    clips.append(tar.extractfile(member).read())
-                    if len(clips) == limit:
-                        return clips
+                key, extension = base_plus_ext(member.name)  # webdataset's sample key
+                if extension == "mp4":
+                    clips.append((url, key, tar.extractfile(member).read()))
     return clips
 
 
-def time_loader(args: argparse.Namespace, shards: str) -> tuple[float, int]:
-    dm = VideoShardDataModule(shards, batch_size=args.batch_size, num_workers=args.workers,
+def make_datamodule(args: argparse.Namespace, shards: str, workers: int) -> VideoShardDataModule:
+    # decoded_cache_mb stays 0 (the default): with it, later epochs decode nothing at all.
+    dm = VideoShardDataModule(shards, batch_size=args.batch_size, num_workers=workers,
                               num_frames=args.num_frames, frame_stride=args.stride, size=args.size,
-                              shuffle_buffer=64)
+                              channels=args.channels)
     dm.setup("fit")
-    loader = dm.train_dataloader()
-    for _ in loader:  # first pass starts the persistent workers
-        pass
-    start = time.perf_counter()
-    clips = sum(len(batch["key"]) for batch in loader)
-    return time.perf_counter() - start, clips
+    return dm
 
 
-def time_decord(clips: list[bytes], num_frames: int, stride: int) -> float:
+class LoaderRow:
+    """The datamodule's train loader; each `time_pass` is the next epoch."""
+
+    def __init__(self, args: argparse.Namespace, shards: str, workers: int) -> None:
+        self.dm = make_datamodule(args, shards, workers)
+        self.loader = self.dm.train_dataloader()
+        for _ in self.loader:  # epoch 0: starts the persistent workers, warms the page cache
+            pass
+
+    def time_pass(self) -> tuple[float, int]:
+        start = time.perf_counter()
+        clips = sum(len(batch["key"]) for batch in self.loader)
+        return time.perf_counter() - start, clips
+
+
+def sampled_frames(clips: list[Clip], frame_counts: list[int], stage: DecodeSamples, epoch: int) -> list[list[int]]:
+    """The frames of each clip the datamodule's decode `stage` reads in `epoch` (start frames
+    seeded per sample, as in the loader); drawn before timing, so (b) times decoding only."""
+    return [stage.frame_indices(count, url, key, stage._sample_rng(url, key, epoch)).tolist()
+            for (url, key, _), count in zip(clips, frame_counts)]
+
+
+def time_decord(clips: list[Clip], frames: list[list[int]]) -> float:
     start = time.perf_counter()
-    for data in clips:
+    for (_, _, data), indices in zip(clips, frames):
         reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-        reader.get_batch(sample_frame_indices(len(reader), num_frames, stride, False).tolist()).asnumpy()
+        reader.get_batch(indices).asnumpy()  # (F, H, W, 3) uint8
     return time.perf_counter() - start
 
 
-def time_pyav(clips: list[bytes]) -> float:
+def time_pyav(clips: list[Clip]) -> float:
     start = time.perf_counter()
-    for data in clips:
+    for _, _, data in clips:
         decode_mp4(data)
     return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace, shards: str) -> None:
+    urls = resolve_shards(shards)
+    clips = read_clips(urls)
+    loaders = {w: LoaderRow(args, shards, w) for w in args.workers}
+    stage = make_datamodule(args, shards, 0)._decode_stage(train=True)
+    frame_counts = [len(decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)) for _, _, data in clips]
+    rates: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
+
+    def record(name: str, seconds: float, count: int) -> float:
+        rates.setdefault(name, []).append(count / seconds)
+        counts[name] = count
+        return count / seconds
+
+    ratios: dict[str, list[float]] = {}
+    for repeat in range(args.repeats):
+        epoch = repeat + 1  # the loaders' warm-up pass was epoch 0
+        loader_rates = {w: record(f"(a) datamodule, num_workers={w}", *row.time_pass())
+                        for w, row in loaders.items()}
+        decord_rate = record("(b) decord, sampled frames, 1 process", time_decord(clips, sampled_frames(clips, frame_counts, stage, epoch)), len(clips))
+        pyav_rate = record("(c) PyAV full decode, 1 process", time_pyav(clips), len(clips))
+        for w, rate in loader_rates.items():
+            ratios.setdefault(f"num_workers={w} / (b) decord", []).append(rate / decord_rate)
+            ratios.setdefault(f"num_workers={w} / (c) PyAV full", []).append(rate / pyav_rate)
+        print(f"repeat {repeat + 1}/{args.repeats}, clips/s: " + " ".join(f"{r[-1]:.1f}" for r in rates.values()),
+              flush=True)
+    for row in loaders.values():
+        row.loader.shutdown()
+
+    print(f"\n{len(clips)} clips from {shards}: {args.num_frames} frames at stride {args.stride}, "
+          f"size {args.size}, channels {args.channels}, batch {args.batch_size}, median of {args.repeats}")
+    print(f"{'path':<44} {'clips':>6} {'clips/s':>9}   per repeat")
+    for name, values in rates.items():
+        print(f"{name:<44} {counts[name]:>6} {statistics.median(values):>9.1f}   "
+              + " ".join(f"{v:.1f}" for v in values))
+    print(f"\n{'ratio (within a repeat)':<44} {'median':>6}   per repeat")
+    for name, values in ratios.items():
+        print(f"{name:<44} {statistics.median(values):>6.2f}x   " + " ".join(f"{v:.2f}" for v in values))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", help="shard directory / pattern (default: a temporary synthetic set)")
-    parser.add_argument("--num-clips", type=int, default=256)
+    parser.add_argument("--num-clips", type=int, help="clips of --shards to read (default all; synthetic: 256)")
     parser.add_argument("--num-frames", type=int, default=8)
     parser.add_argument("--stride", type=int, default=2)
     parser.add_argument("--size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="num_workers of the (a) rows")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    num_shards = 2 * max(*args.workers, 1)
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards
         if shards is None:
             shards = tmp
-            write_synthetic_shards(Path(tmp), args.num_clips, num_shards=2 * max(args.workers, 1))
-        urls = resolve_shards(shards)
-        clips = read_mp4_bytes(urls, args.num_clips)
-        # (a) runs over the whole shard set; (b) and (c) over its first --num-clips clips.
-        loader_s, loader_clips = time_loader(args, shards)
-        rows = [
-            (f"(a) datamodule train loader, {args.workers} workers", loader_clips, loader_s),
-            ("(b) decord, sampled frames, 1 process", len(clips),
-             time_decord(clips, args.num_frames, args.stride)),
-            ("(c) PyAV full decode, 1 process", len(clips), time_pyav(clips)),
-        ]
-    print(f"{args.num_frames} frames at stride {args.stride}, size {args.size}, batch {args.batch_size}")
-    print(f"{'path':<44} {'clips':>6} {'seconds':>8} {'clips/s':>9}")
-    for name, count, seconds in rows:
-        print(f"{name:<44} {count:>6} {seconds:>8.2f} {count / seconds:>9.1f}")
+            write_synthetic_shards(Path(tmp), args.num_clips or 256, num_shards)
+        elif args.num_clips is not None:
+            copy_first_samples(resolve_shards(shards), args.num_clips, Path(tmp), num_shards)
+            shards = tmp
+        run(args, shards)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,14 @@ class CountTarErrors:
         return True
 
 
+def batch_as_yielded(batch: Sample) -> Sample:
+    """The loaders' `collate_fn`: train stream and validation pipeline yield whole batches
+    (their own `collate`). torch's default for `batch_size=None`, `default_convert`, would walk
+    every caption and metadata dict of every batch once more looking for numpy arrays, which
+    none holds (~25 us a clip, 1% of decoding a digit clip)."""
+    return batch
+
+
 def _list_shards(urls: list[str], limit: int = 5) -> str:
     more = f" and {len(urls) - limit} more" if len(urls) > limit else ""
     return ", ".join(urls[:limit]) + more
@@ -247,7 +255,7 @@ class ShardDataModule(lightning.LightningDataModule):
         empty = (f"a pass over the training shards yielded no batch: {_list_shards(stream.urls)} gave fewer "
                  f"than batch_size={self.batch_size} usable samples per reader ({readers} reader"
                  f"{'s' if readers > 1 else ''}); the skipped-sample warnings above name the bad ones")
-        loader = ShardLoader(stream, batch_size=None, num_workers=self.num_workers,
+        loader = ShardLoader(stream, batch_size=None, collate_fn=batch_as_yielded, num_workers=self.num_workers,
                              persistent_workers=self.num_workers > 0, timeout=self._loader_timeout(self.num_workers),
                              empty_epoch_message=empty, track_consumption=self._is_trainers())
         if self._loader_state is not None:
@@ -260,5 +268,5 @@ class ShardDataModule(lightning.LightningDataModule):
         if self.val_shards is None:
             return []
         num_workers = min(self.num_workers, len(self.val_urls or resolve_shards(self.val_shards)))
-        return ShardLoader(self.val_pipeline(), batch_size=None, num_workers=num_workers,
+        return ShardLoader(self.val_pipeline(), batch_size=None, collate_fn=batch_as_yielded, num_workers=num_workers,
                            persistent_workers=num_workers > 0, timeout=self._loader_timeout(num_workers))

@@ -15,13 +15,13 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 from data_tools.mp4_header import declared_size, over_budget
 from datamodules.video_decoders import get_decoder
 
 # ITU-R BT.601 luma weights, the same ones the H.264 encoder used to make Y from RGB.
 _LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+_LUMA = torch.tensor(_LUMA_WEIGHTS).view(3, 1, 1, 1)  # made once: every clip uses it
 
 
 class VideoDecodeError(RuntimeError):
@@ -182,13 +182,25 @@ def decode_clip(
 def _to_clip(frames: np.ndarray, size: int | tuple[int, int] | None, channels: int) -> torch.Tensor:
     """uint8 `(F, H, W, 3)` frames -> float32 `(C, F, H, W)` in [-1, 1], converted a few frames
     at a time so the float copy never holds the whole clip at its decoded size."""
-    chunks = []
-    for chunk in torch.from_numpy(frames).split(_CONVERT_FRAMES):
-        video = rearrange(chunk, "f h w c -> f c h w").float()  # (f, 3, H, W)
-        if channels == 1:
-            weights = torch.tensor(_LUMA_WEIGHTS).view(1, 3, 1, 1)
-            video = (video * weights).sum(dim=1, keepdim=True)  # (f, 1, H, W)
-        if size is not None:
-            video = _resize_center_crop(video, size)  # (f, C, height, width)
-        chunks.append((video / 127.5 - 1.0).clamp_(-1.0, 1.0))
-    return rearrange(torch.cat(chunks), "f c h w -> c f h w").contiguous()  # (C, F, H, W)
+    pixels = torch.from_numpy(frames)  # (F, H, W, 3) uint8
+    if len(pixels) <= _CONVERT_FRAMES:  # the usual short clip: one chunk, no split/cat
+        return _to_float_frames(pixels, size, channels)
+    return torch.cat([_to_float_frames(chunk, size, channels) for chunk in pixels.split(_CONVERT_FRAMES)], dim=1)
+
+
+def _to_float_frames(pixels: torch.Tensor, size: int | tuple[int, int] | None, channels: int) -> torch.Tensor:
+    """uint8 `(f, H, W, 3)` -> contiguous float32 `(C, f, height, width)` in [-1, 1] (`size`
+    as in `_resize_center_crop`; None: H, W).
+
+    This runs for every clip the loader yields, so it is written for few tensor ops (each
+    costs microseconds of dispatch on these small clips): the float copy is made directly in
+    the output's `(C, f, H, W)` order, which the resize takes as `C` images of `f` planes
+    (it resizes every plane alike), so no transpose copy follows; the scaling runs in place on
+    that copy. Values are bit-identical to converting, resizing and scaling `(f, C, H, W)`
+    frames out of place (tests/test_video_datamodule.py compares them)."""
+    video = pixels.permute(3, 0, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)  # (3, f, H, W)
+    if channels == 1:
+        video = (video * _LUMA).sum(dim=0, keepdim=True)  # (1, f, H, W)
+    if size is not None:
+        video = _resize_center_crop(video, size)  # (C, f, height, width), a fresh tensor or a view of one
+    return video.div_(127.5).sub_(1.0).clamp_(-1.0, 1.0).contiguous()  # contiguous: a crop is a view
