@@ -33,6 +33,7 @@ from pathlib import Path
 
 import decord
 import numpy as np
+import psutil
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
@@ -103,6 +104,25 @@ def make_datamodule(args: argparse.Namespace, shards: str, workers: int) -> Vide
     return dm
 
 
+class Clock:
+    """Wall and CPU seconds of a block; CPU is this process's (all threads) plus that of the
+    processes `pids` (loader workers). CPU seconds barely move when other jobs share the
+    machine, wall seconds do: both are reported."""
+
+    def __init__(self, pids: list[int] = ()) -> None:
+        self.processes = [psutil.Process(pid) for pid in pids]
+
+    def _cpu(self) -> float:
+        return time.process_time() + sum(p.cpu_times().user + p.cpu_times().system for p in self.processes)
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu = time.perf_counter(), self._cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, self._cpu() - self.cpu
+
+
 class LoaderRow:
     """The datamodule's train loader; each `time_pass` is the next epoch."""
 
@@ -111,11 +131,13 @@ class LoaderRow:
         self.loader = self.dm.train_dataloader()
         for _ in self.loader:  # epoch 0: starts the persistent workers, warms the page cache
             pass
+        iterator = self.loader._iterator  # persistent workers: the same processes every pass
+        self.pids = [w.pid for w in getattr(iterator, "_workers", [])]
 
-    def time_pass(self) -> tuple[float, int]:
-        start = time.perf_counter()
-        clips = sum(len(batch["key"]) for batch in self.loader)
-        return time.perf_counter() - start, clips
+    def time_pass(self) -> tuple[Clock, int]:
+        with Clock(self.pids) as clock:
+            clips = sum(len(batch["key"]) for batch in self.loader)
+        return clock, clips
 
 
 def sampled_frames(clips: list[Clip], frame_counts: list[int], stage: DecodeSamples, epoch: int) -> list[list[int]]:
@@ -125,59 +147,61 @@ def sampled_frames(clips: list[Clip], frame_counts: list[int], stage: DecodeSamp
             for (url, key, _), count in zip(clips, frame_counts)]
 
 
-def time_decord(clips: list[Clip], frames: list[list[int]]) -> float:
-    start = time.perf_counter()
-    for (_, _, data), indices in zip(clips, frames):
-        reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-        reader.get_batch(indices).asnumpy()  # (F, H, W, 3) uint8
-    return time.perf_counter() - start
+def time_decord(clips: list[Clip], frames: list[list[int]]) -> tuple[Clock, int]:
+    with Clock() as clock:
+        for (_, _, data), indices in zip(clips, frames):
+            reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+            reader.get_batch(indices).asnumpy()  # (F, H, W, 3) uint8
+    return clock, len(clips)
 
 
-def time_pyav(clips: list[Clip]) -> float:
-    start = time.perf_counter()
-    for _, _, data in clips:
-        decode_mp4(data)
-    return time.perf_counter() - start
+def time_pyav(clips: list[Clip]) -> tuple[Clock, int]:
+    with Clock() as clock:
+        for _, _, data in clips:
+            decode_mp4(data)
+    return clock, len(clips)
+
+
+def print_table(title: str, rates: dict[str, list[float]], counts: dict[str, int], ratio_rows: list[str]) -> None:
+    print(f"\n{title:<44} {'clips':>6} {'median':>8}   per repeat")
+    for name, values in rates.items():
+        print(f"{name:<44} {counts[name]:>6} {statistics.median(values):>8.1f}   " + " ".join(f"{v:.1f}" for v in values))
+    decord_rates, pyav_rates = rates[DECORD], rates[PYAV]
+    for name in ratio_rows:
+        for other, other_rates in (("(b) decord", decord_rates), ("(c) PyAV full", pyav_rates)):
+            ratios = [a / b for a, b in zip(rates[name], other_rates)]  # within each repeat
+            print(f"  {name[4:]} / {other:<{37 - len(name[4:])}} {statistics.median(ratios):>6.2f}x   "
+                  + " ".join(f"{r:.2f}" for r in ratios))
+
+
+DECORD, PYAV = "(b) decord, sampled frames, 1 process", "(c) PyAV full decode, 1 process"
 
 
 def run(args: argparse.Namespace, shards: str) -> None:
-    urls = resolve_shards(shards)
-    clips = read_clips(urls)
-    loaders = {w: LoaderRow(args, shards, w) for w in args.workers}
+    clips = read_clips(resolve_shards(shards))
+    loaders = {f"(a) datamodule, num_workers={w}": LoaderRow(args, shards, w) for w in args.workers}
     stage = make_datamodule(args, shards, 0)._decode_stage(train=True)
     frame_counts = [len(decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)) for _, _, data in clips]
-    rates: dict[str, list[float]] = {}
+    wall: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
-
-    def record(name: str, seconds: float, count: int) -> float:
-        rates.setdefault(name, []).append(count / seconds)
-        counts[name] = count
-        return count / seconds
-
-    ratios: dict[str, list[float]] = {}
     for repeat in range(args.repeats):
         epoch = repeat + 1  # the loaders' warm-up pass was epoch 0
-        loader_rates = {w: record(f"(a) datamodule, num_workers={w}", *row.time_pass())
-                        for w, row in loaders.items()}
-        decord_rate = record("(b) decord, sampled frames, 1 process", time_decord(clips, sampled_frames(clips, frame_counts, stage, epoch)), len(clips))
-        pyav_rate = record("(c) PyAV full decode, 1 process", time_pyav(clips), len(clips))
-        for w, rate in loader_rates.items():
-            ratios.setdefault(f"num_workers={w} / (b) decord", []).append(rate / decord_rate)
-            ratios.setdefault(f"num_workers={w} / (c) PyAV full", []).append(rate / pyav_rate)
-        print(f"repeat {repeat + 1}/{args.repeats}, clips/s: " + " ".join(f"{r[-1]:.1f}" for r in rates.values()),
+        timed = {name: row.time_pass() for name, row in loaders.items()}
+        timed[DECORD] = time_decord(clips, sampled_frames(clips, frame_counts, stage, epoch))
+        timed[PYAV] = time_pyav(clips)
+        for name, (clock, count) in timed.items():
+            wall.setdefault(name, []).append(count / clock.wall)
+            cpu.setdefault(name, []).append(count / clock.cpu)
+            counts[name] = count
+        print(f"repeat {repeat + 1}/{args.repeats}, clips/s: " + " ".join(f"{r[-1]:.1f}" for r in wall.values()),
               flush=True)
     for row in loaders.values():
         row.loader.shutdown()
-
     print(f"\n{len(clips)} clips from {shards}: {args.num_frames} frames at stride {args.stride}, "
-          f"size {args.size}, channels {args.channels}, batch {args.batch_size}, median of {args.repeats}")
-    print(f"{'path':<44} {'clips':>6} {'clips/s':>9}   per repeat")
-    for name, values in rates.items():
-        print(f"{name:<44} {counts[name]:>6} {statistics.median(values):>9.1f}   "
-              + " ".join(f"{v:.1f}" for v in values))
-    print(f"\n{'ratio (within a repeat)':<44} {'median':>6}   per repeat")
-    for name, values in ratios.items():
-        print(f"{name:<44} {statistics.median(values):>6.2f}x   " + " ".join(f"{v:.2f}" for v in values))
+          f"size {args.size}, channels {args.channels}, batch {args.batch_size}; {args.repeats} repeats, interleaved")
+    print_table("clips per second (wall)", wall, counts, list(loaders))
+    print_table("clips per CPU-second (all its processes)", cpu, counts, list(loaders))
 
 
 def main() -> None:

@@ -153,6 +153,26 @@ def test_resize_crops_centre_to_requested_square_and_grayscale_is_luma():
     assert torch.equal(kept, same)
 
 
+@pytest.mark.parametrize("size, channels", [(16, 3), (16, 1), (None, 3), (None, 1), (24, 3)])
+def test_clip_conversion_is_bit_identical_to_the_plain_per_frame_formula(size, channels):
+    # `_to_clip` converts in (C, F, H, W) order, in place and in chunks of frames for speed; a
+    # layout or chunking slip (frames swapped with channels, a chunk resized differently, a
+    # luma weight on the wrong axis) changes pixels. 20 frames span two chunks; 24x40 frames
+    # are resized by a non-integer scale and centre-cropped.
+    frames = np.random.default_rng(0).integers(0, 256, (20, 24, 40, 3), dtype=np.uint8)
+    expected = []
+    for frame in torch.from_numpy(frames).float():  # (H, W, 3)
+        image = frame.permute(2, 0, 1)[None]  # (1, 3, H, W)
+        if channels == 1:
+            image = (image * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+        if size is not None:
+            image = video_decoding._resize_center_crop(image, size)
+        expected.append((image[0] / 127.5 - 1.0).clamp(-1.0, 1.0))  # (C, h, w)
+    clip = video_decoding._to_clip(frames, size, channels)
+    assert clip.is_contiguous()
+    assert torch.equal(clip, torch.stack(expected, dim=1))  # (C, F, h, w)
+
+
 def test_validation_is_deterministic_and_training_reproducible_per_epoch(tmp_path):
     write_shards(tmp_path / "shards", num_shards=2, per_shard=4)
     options = dict(batch_size=2, num_workers=0, num_frames=3, frame_stride=2, size=16, seed=5,
