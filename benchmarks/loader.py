@@ -147,61 +147,103 @@ def sampled_frames(clips: list[Clip], frame_counts: list[int], stage: DecodeSamp
             for (url, key, _), count in zip(clips, frame_counts)]
 
 
-def time_decord(clips: list[Clip], frames: list[list[int]]) -> tuple[Clock, int]:
+def decode_decord(data: bytes, indices: list[int]) -> None:
+    reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+    reader.get_batch(indices).asnumpy()  # (F, H, W, 3) uint8
+
+
+class Tally:
+    """Clips, wall and CPU seconds of one row, summed over timed segments."""
+
+    def __init__(self) -> None:
+        self.clips, self.wall, self.cpu = 0, 0.0, 0.0
+
+    def add(self, clock: Clock, clips: int) -> None:
+        self.clips, self.wall, self.cpu = self.clips + clips, self.wall + clock.wall, self.cpu + clock.cpu
+
+
+def paired_pass(row: LoaderRow, clips: dict[str, Clip], frames: dict[str, list[int]]) -> dict[str, Tally]:
+    """One epoch of the in-process loader, batch by batch, each batch followed by decord and
+    PyAV on the same clips: the rows alternate every few tens of milliseconds, so a busy spell
+    on a shared machine slows all of them alike."""
+    tallies = {LOADER0: Tally(), DECORD: Tally(), PYAV: Tally()}
+    batches = iter(row.loader)
+    while True:
+        with Clock() as clock:
+            batch = next(batches, None)
+        if batch is None:
+            return tallies
+        tallies[LOADER0].add(clock, len(batch["key"]))
+        with Clock() as clock:
+            for key in batch["key"]:
+                decode_decord(clips[key][2], frames[key])
+        tallies[DECORD].add(clock, len(batch["key"]))
+        with Clock() as clock:
+            for key in batch["key"]:
+                decode_mp4(clips[key][2])
+        tallies[PYAV].add(clock, len(batch["key"]))
+
+
+def block_pass(row: LoaderRow, clips: dict[str, Clip], frames: dict[str, list[int]]) -> dict[str, Tally]:
+    """One epoch of a loader with workers, then decord on all clips: the workers decode ahead
+    while this process waits, so the rows cannot alternate by batch without overlapping."""
+    tallies = {DECORD: Tally(), "loader": Tally()}
+    with Clock(row.pids) as clock:
+        count = sum(len(batch["key"]) for batch in row.loader)
+    tallies["loader"].add(clock, count)
     with Clock() as clock:
-        for (_, _, data), indices in zip(clips, frames):
-            reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-            reader.get_batch(indices).asnumpy()  # (F, H, W, 3) uint8
-    return clock, len(clips)
+        for key, (_, _, data) in clips.items():
+            decode_decord(data, frames[key])
+    tallies[DECORD].add(clock, len(clips))
+    return tallies
 
 
-def time_pyav(clips: list[Clip]) -> tuple[Clock, int]:
-    with Clock() as clock:
-        for _, _, data in clips:
-            decode_mp4(data)
-    return clock, len(clips)
-
-
-def print_table(title: str, rates: dict[str, list[float]], counts: dict[str, int], ratio_rows: list[str]) -> None:
-    print(f"\n{title:<44} {'clips':>6} {'median':>8}   per repeat")
-    for name, values in rates.items():
-        print(f"{name:<44} {counts[name]:>6} {statistics.median(values):>8.1f}   " + " ".join(f"{v:.1f}" for v in values))
-    decord_rates, pyav_rates = rates[DECORD], rates[PYAV]
-    for name in ratio_rows:
-        for other, other_rates in (("(b) decord", decord_rates), ("(c) PyAV full", pyav_rates)):
-            ratios = [a / b for a, b in zip(rates[name], other_rates)]  # within each repeat
-            print(f"  {name[4:]} / {other:<{37 - len(name[4:])}} {statistics.median(ratios):>6.2f}x   "
+def print_rows(title: str, rows: dict[str, list[Tally]], ratio_rows: list[tuple[str, str]]) -> None:
+    """Median clips/s (wall) and clips per CPU-second over repeats, and the median over
+    repeats of each ratio within a repeat."""
+    print(f"\n{title}")
+    print(f"{'path':<44} {'clips':>6} {'clips/s':>8} {'clips/CPU-s':>12}")
+    for name, tallies in rows.items():
+        wall = statistics.median(t.clips / t.wall for t in tallies)
+        cpu = statistics.median(t.clips / t.cpu for t in tallies)
+        print(f"{name:<44} {tallies[0].clips:>6} {wall:>8.1f} {cpu:>12.1f}")
+    for top, bottom in ratio_rows:
+        for unit, rate in (("wall", lambda t: t.clips / t.wall), ("CPU", lambda t: t.clips / t.cpu)):
+            ratios = [rate(a) / rate(b) for a, b in zip(rows[top], rows[bottom])]
+            print(f"  {top[:3]} / {bottom[:3]} ({unit}): {statistics.median(ratios):.2f}x   per repeat "
                   + " ".join(f"{r:.2f}" for r in ratios))
 
 
+LOADER0 = "(a) datamodule, num_workers=0"
 DECORD, PYAV = "(b) decord, sampled frames, 1 process", "(c) PyAV full decode, 1 process"
 
 
 def run(args: argparse.Namespace, shards: str) -> None:
-    clips = read_clips(resolve_shards(shards))
-    loaders = {f"(a) datamodule, num_workers={w}": LoaderRow(args, shards, w) for w in args.workers}
+    clips = {key: (url, key, data) for url, key, data in read_clips(resolve_shards(shards))}
+    loaders = {w: LoaderRow(args, shards, w) for w in args.workers}
     stage = make_datamodule(args, shards, 0)._decode_stage(train=True)
-    frame_counts = [len(decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)) for _, _, data in clips]
-    wall: dict[str, list[float]] = {}
-    cpu: dict[str, list[float]] = {}
-    counts: dict[str, int] = {}
+    frame_counts = [len(decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1))
+                    for _, _, data in clips.values()]
+    paired: dict[str, list[Tally]] = {}
+    blocks: dict[int, dict[str, list[Tally]]] = {}
     for repeat in range(args.repeats):
         epoch = repeat + 1  # the loaders' warm-up pass was epoch 0
-        timed = {name: row.time_pass() for name, row in loaders.items()}
-        timed[DECORD] = time_decord(clips, sampled_frames(clips, frame_counts, stage, epoch))
-        timed[PYAV] = time_pyav(clips)
-        for name, (clock, count) in timed.items():
-            wall.setdefault(name, []).append(count / clock.wall)
-            cpu.setdefault(name, []).append(count / clock.cpu)
-            counts[name] = count
-        print(f"repeat {repeat + 1}/{args.repeats}, clips/s: " + " ".join(f"{r[-1]:.1f}" for r in wall.values()),
-              flush=True)
+        frames = dict(zip(clips, sampled_frames(list(clips.values()), frame_counts, stage, epoch)))
+        for workers, row in loaders.items():
+            tallies = paired_pass(row, clips, frames) if workers == 0 else block_pass(row, clips, frames)
+            for name, tally in tallies.items():
+                (paired if workers == 0 else blocks.setdefault(workers, {})).setdefault(name, []).append(tally)
+        print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
     for row in loaders.values():
         row.loader.shutdown()
     print(f"\n{len(clips)} clips from {shards}: {args.num_frames} frames at stride {args.stride}, "
-          f"size {args.size}, channels {args.channels}, batch {args.batch_size}; {args.repeats} repeats, interleaved")
-    print_table("clips per second (wall)", wall, counts, list(loaders))
-    print_table("clips per CPU-second (all its processes)", cpu, counts, list(loaders))
+          f"size {args.size}, channels {args.channels}, batch {args.batch_size}; median of {args.repeats} repeats")
+    if paired:
+        print_rows("num_workers=0, rows alternating batch by batch, one process:", paired,
+                   [(LOADER0, DECORD), (LOADER0, PYAV)])
+    for workers, rows in blocks.items():
+        rows = {f"(a) datamodule, num_workers={workers} (+ main)": rows["loader"], DECORD: rows[DECORD]}
+        print_rows(f"num_workers={workers}, a whole epoch each, then decord on all clips:", rows, [tuple(rows)])
 
 
 def main() -> None:
