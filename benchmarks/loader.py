@@ -14,10 +14,15 @@ Rows, all on the same clips:
     warm-up pass (worker start-up), then timed passes, each the next epoch;
 (b) decord reading the sampled frames that (a) reads in the same epoch (the same start frames,
     drawn by the datamodule's decode stage), one process, nothing else: the backend's raw rate;
-(c) PyAV decoding every frame of each clip, one process.
+(c) PyAV decoding every frame of each clip, one process (run alongside the W=0 row only).
 (b) and (c) read the mp4 bytes from the tars into memory first and time only the decoding.
-The rows run interleaved `--repeats` times (the machine may be shared and noisy); each
-number is the median over repeats, and each ratio the median of the ratios within a repeat.
+With W=0 the three rows alternate batch by batch (the loader yields a batch, then decord and
+PyAV decode its clips), so a busy spell on a shared machine slows all of them alike; a loader
+with workers decodes ahead while this process waits, so it runs a whole epoch, then (b) runs
+on all clips. Each repeat is the next epoch; reported: the median over `--repeats` of clips
+per second (wall) and per CPU-second (this process and the loader's workers), and the median
+of the ratios within a repeat. The default synthetic set is only for a quick run: shards
+that hold fewer clips than the shuffle buffer (256) are read whole before the first batch.
 """
 
 from __future__ import annotations
