@@ -13,7 +13,7 @@ import webdataset as wds
 from data_tools.video_io import decode_mp4, encode_mp4
 from datamodules import VideoShardDataModule
 from datamodules.shard_lists import resolve_shards
-from datamodules import video_decoders
+from datamodules import video_decoders, video_decoding
 from datamodules.video_decoding import (
     ClipTooShortError,
     VideoDecodeError,
