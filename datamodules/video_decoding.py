@@ -117,19 +117,24 @@ def _decode_frames(data: bytes, num_frames: int | None, stride: int, random_star
     )
 
 
-def _resize_center_crop(frames: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Resize `(F, C, H, W)` frames, keeping their aspect, to the smallest size that covers
-    `size` (a square side, or `(height, width)`), then crop the centre to it."""
+def _covering_size(height: int, width: int, size: int | tuple[int, int]) -> tuple[int, int, int, int]:
+    """(target height, target width, resized height, resized width): the smallest size at the
+    frames' aspect that covers the target `size` (a square side, or `(height, width)`)."""
     target_h, target_w = (size, size) if isinstance(size, int) else size
-    height, width = frames.shape[-2:]
-    if (height, width) == (target_h, target_w):
-        return frames
     scale = max(target_h / height, target_w / width)
-    new_hw = (max(target_h, round(height * scale)), max(target_w, round(width * scale)))
-    if new_hw != (height, width):
-        frames = F.interpolate(frames, size=new_hw, mode="bilinear", antialias=True, align_corners=False)
-        height, width = new_hw
-    top, left = (height - target_h) // 2, (width - target_w) // 2
+    return target_h, target_w, max(target_h, round(height * scale)), max(target_w, round(width * scale))
+
+
+def _resize_center_crop(frames: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize `(..., H, W)` frames, keeping their aspect, to the smallest size that covers
+    `size` (a square side, or `(height, width)`), then crop the centre to it."""
+    height, width = frames.shape[-2:]
+    target_h, target_w, new_h, new_w = _covering_size(height, width, size)
+    if (target_h, target_w) == (height, width):
+        return frames
+    if (new_h, new_w) != (height, width):
+        frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
     return frames[..., top : top + target_h, left : left + target_w]
 
 
@@ -198,9 +203,18 @@ def _to_float_frames(pixels: torch.Tensor, size: int | tuple[int, int] | None, c
     (it resizes every plane alike), so no transpose copy follows; the scaling runs in place on
     that copy. Values are bit-identical to converting, resizing and scaling `(f, C, H, W)`
     frames out of place (tests/test_video_datamodule.py compares them)."""
+    resize = size is not None
+    if resize:
+        target_h, target_w, new_h, new_w = _covering_size(*pixels.shape[1:3], size)
+        if (new_h, new_w) == tuple(pixels.shape[1:3]):  # a crop only: cut the uint8 frames, convert less
+            top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
+            pixels, resize = pixels[:, top : top + target_h, left : left + target_w], False
     video = pixels.permute(3, 0, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)  # (3, f, H, W)
     if channels == 1:
         video = (video * _LUMA).sum(dim=0, keepdim=True)  # (1, f, H, W)
-    if size is not None:
+    if resize:
         video = _resize_center_crop(video, size)  # (C, f, height, width), a fresh tensor or a view of one
-    return video.div_(127.5).sub_(1.0).clamp_(-1.0, 1.0).contiguous()  # contiguous: a crop is a view
+    video = video.div_(127.5).sub_(1.0)
+    if resize or channels == 1:  # uint8 RGB maps into [-1, 1] exactly; a resize or luma sum may not
+        video = video.clamp_(-1.0, 1.0)
+    return video.contiguous()  # a crop of a resized clip is a view
