@@ -174,3 +174,14 @@ def test_inspect_shows_how_a_folder_falls_into_a_bucket_table(tmp_path, capsys):
     config.write_text(json.dumps({"buckets": [TABLE[0], TABLE[0]]}))
     assert main(["inspect", str(tmp_path / "shards"), "--buckets", str(config)]) == 2
     assert "are the same shape 4x16x16" in capsys.readouterr().err
+
+
+def test_a_clip_without_a_size_in_its_json_or_mp4_header_is_named_not_bucketed(tmp_path):
+    from datamodules.bucket_batches import scan_shard
+
+    bucket_shards(tmp_path / "shards", num_shards=1, per_kind=1)
+    with wds.TarWriter(str(tmp_path / "shards" / "shard-000001.tar")) as sink:
+        sink.write({"__key__": "nosize", "mp4": b"\x00\x00\x00 not an mp4" * 8, "txt": b"a clip", "json": b"{}"})
+    scan = scan_shard(str(tmp_path / "shards" / "shard-000001.tar"), BucketTable(TABLE, stride=1))
+    assert scan.counts == [0, 0, 0]
+    assert scan.unfit == ["shard-000001.tar/nosize: no width/height/frames in its json or mp4 header"]
