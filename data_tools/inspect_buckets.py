@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from datamodules.bucket_batches import scan_shard
+from datamodules.bucket_batches import clips_per_bucket, scan_shard
 from datamodules.buckets import BucketTable
 
 
@@ -32,12 +32,12 @@ def bucket_report(shard_dir: str | Path, table: BucketTable, show_unfit: int = 1
     if not tars:
         raise FileNotFoundError(f"no *.tar shards in {shard_dir}")
     scans = [scan_shard(str(tar), table) for tar in tars]
-    clips = [sum(scan.counts[b] for scan in scans) for b in range(len(table))]
+    clips = clips_per_bucket(scans, len(table))
     unfit = [clip for scan in scans for clip in scan.unfit]
     weights = table.batch_weights(clips)
     total = sum(clips) + len(unfit)
     # the epoch ends when the bucket that runs out first (for its batch share) runs out
-    mean_batch = sum(w * b.batch_size for w, b in zip(weights, table))
+    mean_batch = table.mean_batch_size(weights)
     epoch_batches = min((n / (w * b.batch_size) for n, w, b in zip(clips, weights, table) if w > 0), default=0)
     lines = [f"buckets of {shard_dir} ({total} clips, frame stride {table.stride}, max upscale {table.max_upscale:g}):",
              f"{'bucket (FxHxW)':<16} {'batch':>5} {'clips':>7} {'of clips':>8} {'of batches':>10}"]

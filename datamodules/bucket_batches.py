@@ -25,7 +25,7 @@ import random
 import tarfile
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,6 +84,14 @@ def scan_shard(url: str, table: BucketTable, media: str = "mp4") -> ShardBuckets
     return ShardBuckets(counts, unfit)
 
 
+def clips_per_bucket(scans: Iterable[ShardBuckets], num_buckets: int) -> list[int]:
+    """Clips in each bucket over the scanned shards."""
+    totals = [0] * num_buckets
+    for scan in scans:
+        totals = [t + n for t, n in zip(totals, scan.counts)]
+    return totals
+
+
 class BucketSchedule:
     """The next bucket: the one furthest behind its share of the batches so far (ties: the
     larger weight, then the lower index)."""
@@ -114,12 +122,11 @@ class BucketPlan:
     weights: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
-        totals = [sum(s.counts[b] for s in self.shards.values()) for b in range(len(self.table))]
-        self.weights = self.table.batch_weights(totals)
+        self.weights = self.table.batch_weights(clips_per_bucket(self.shards.values(), len(self.table)))
 
     @property
     def mean_batch_size(self) -> float:
-        return sum(w * b.batch_size for w, b in zip(self.weights, self.table))
+        return self.table.mean_batch_size(self.weights)
 
     def assign(self, sample: Sample) -> int | None:
         size = clip_size(sample, self.media)

@@ -123,6 +123,10 @@ class BucketTable:
         total = sum(raw)
         return [w / total for w in raw] if total > 0 else [0.0] * len(raw)
 
+    def mean_batch_size(self, weights: Sequence[float]) -> float:
+        """Clips per batch on average when batches come from the buckets at these shares."""
+        return sum(w * b.batch_size for w, b in zip(weights, self.buckets))
+
     def describe(self) -> str:
         return ", ".join(b.name for b in self.buckets)
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from data_tools.mp4_header import DEFAULT_MAX_DECODE_PIXELS
-from datamodules.bucket_batches import BucketPlan, ShardBuckets, scan_shard
+from datamodules.bucket_batches import BucketPlan, ShardBuckets, clips_per_bucket, scan_shard
 from datamodules.buckets import BucketTable
 from datamodules.shard_datamodule import ShardDataModule, SkippedSampleWarning
 from datamodules.shard_lists import ShardSpec
@@ -238,7 +238,8 @@ class VideoShardDataModule(ShardDataModule):
         self.max_decode_pixels = max_decode_pixels
         self.decoded_cache_mb = decoded_cache_mb
         self.bucket_table = None if buckets is None else BucketTable(buckets, max_upscale, stride=frame_stride)
-        self.bucket_scan: dict[str, ShardBuckets] | None = None
+        self.bucket_scan: dict[str, ShardBuckets] | None = None  # per training shard, from setup
+        self.bucket_clips: list[int] = []  # clips per bucket over all training shards
         self.unfit_clips: list[str] = []
         get_decoder(decoder)  # an unknown or uninstalled `data.decoder` fails here, not in a worker
         self.decoder = decoder
@@ -253,8 +254,8 @@ class VideoShardDataModule(ShardDataModule):
                           f"({self.bucket_table.describe()}, max_upscale={self.bucket_table.max_upscale:g}) "
                           f"and are left out: {'; '.join(self.unfit_clips[:5])}"
                           f"{' ...' if len(self.unfit_clips) > 5 else ''}", SkippedSampleWarning, stacklevel=3)
-        totals = [sum(scan.counts[i] for scan in self.bucket_scan.values()) for i in range(len(self.bucket_table))]
-        empty = [b.name for b, n in zip(self.bucket_table, totals) if b.weight is not None and not n]
+        self.bucket_clips = clips_per_bucket(self.bucket_scan.values(), len(self.bucket_table))
+        empty = [b.name for b, n in zip(self.bucket_table, self.bucket_clips) if b.weight is not None and not n]
         if empty:
             raise ValueError(f"data.buckets {empty} have a weight but no training clip goes to them "
                              f"(`effvid-data inspect DIR --buckets CONFIG` shows where the clips go)")
@@ -277,7 +278,7 @@ class VideoShardDataModule(ShardDataModule):
     def _mean_batch_size(self) -> float:
         if self.bucket_table is None:
             return self.batch_size
-        return BucketPlan(self.bucket_table, self.bucket_scan, decode=None).mean_batch_size
+        return self.bucket_table.mean_batch_size(self.bucket_table.batch_weights(self.bucket_clips))
 
     def _decode_stage(self, train: bool) -> DecodeSamples:
         return DecodeSamples(
