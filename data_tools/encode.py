@@ -80,17 +80,19 @@ def _decoded_batches(url: str, size: int | None, channels: int, skipped: Any, ti
     import webdataset as wds
 
     from datamodules.shard_datamodule import CountTarErrors, SelectFiles
+    from datamodules.video_decoding import frames_to_video
     from datamodules.video_shards import DecodeSamples
 
     stage = DecodeSamples(skipped, caption_key="txt", seed=0, num_frames=None, stride=1, random_start=False,
-                          size=size, channels=channels, timeout=timeout, max_pixels=max_pixels)
+                          size=size, timeout=timeout, max_pixels=max_pixels)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([url]),
         wds.tarfile_to_samples(handler=CountTarErrors(skipped), select_files=SelectFiles({"mp4", "json", "txt"})),
         stage,
         wds.batched(batch_size, collation_fn=list, partial=True),
     )
-    yield from pipeline
+    for samples in pipeline:
+        yield [{**s, "video": frames_to_video(s.pop("frames"), channels)} for s in samples]  # (C, F, H, W)
 
 
 @torch.no_grad()

@@ -118,6 +118,6 @@ class EncodedShardDataModule(VideoShardDataModule):
         return DecodeEncodedSamples(
             self._skipped, caption_key=self.caption_key, seed=self.seed,
             num_frames=None if whole else self.num_frames, stride=1 if whole else self.frame_stride,
-            random_start=self.random_start and train and not whole, size=self.size, channels=self.channels,
+            random_start=self.random_start and train and not whole, size=self.size,
             timeout=None, require_caption=self.require_caption,
         )

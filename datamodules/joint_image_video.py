@@ -15,7 +15,7 @@ the process from exiting; `ShardLoader` also shuts every loader down at exit).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning
@@ -28,8 +28,8 @@ Batch = dict[str, Any]
 class _SampleQueue:
     """Samples of one source's batches, one at a time; restarts the loader when it ends."""
 
-    def __init__(self, loader: Any, tensor_key: str) -> None:
-        self.loader, self.tensor_key = loader, tensor_key
+    def __init__(self, loader: Any, tensor_key: str, prepare: Callable[[Batch, int], Batch] | None = None) -> None:
+        self.loader, self.tensor_key, self.prepare = loader, tensor_key, prepare
         self.iterator: Iterator[Batch] | None = None
         self.queue: deque[dict[str, Any]] = deque()
 
@@ -42,6 +42,8 @@ class _SampleQueue:
             except StopIteration:
                 self.iterator = None
                 continue
+            if self.prepare is not None:
+                batch = self.prepare(batch, 0)
             keys = [k for k in ("caption", "key", "meta") if k in batch]
             for i in range(len(batch[self.tensor_key])):
                 self.queue.append({self.tensor_key: batch[self.tensor_key][i], **{k: batch[k][i] for k in keys}})
@@ -58,13 +60,14 @@ class MixedBatches(IterableDataset):
     """Endless mixed batches `{"video": (Bv, C, F, H, W), "caption", "key", "meta",
     "image": (Bi, C, H, W), "image_caption", "image_key"}` with Bv + Bi = batch_size."""
 
-    def __init__(self, video_loader: Any, image_loader: Any, image_ratio: float, batch_size: int, seed: int) -> None:
-        self.video_loader, self.image_loader = video_loader, image_loader
+    def __init__(self, video_loader: Any, image_loader: Any, image_ratio: float, batch_size: int, seed: int,
+                 prepare_video: Callable[[Batch, int], Batch] | None = None) -> None:
+        self.video_loader, self.image_loader, self.prepare_video = video_loader, image_loader, prepare_video
         self.image_ratio, self.batch_size, self.seed = image_ratio, batch_size, seed
 
     def __iter__(self) -> Iterator[Batch]:
         generator = torch.Generator().manual_seed(self.seed)
-        videos, images = _SampleQueue(self.video_loader, "video"), _SampleQueue(self.image_loader, "image")
+        videos, images = _SampleQueue(self.video_loader, "video", self.prepare_video), _SampleQueue(self.image_loader, "image")
         template: torch.Tensor | None = None
         while True:
             num_images = int((torch.rand(self.batch_size, generator=generator) < self.image_ratio).sum())
@@ -121,7 +124,9 @@ class JointImageVideoDataModule(lightning.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self._shut_down_sources()
         self._source_loaders = [self.video.train_dataloader(), self.images.train_dataloader()]
-        mixed = MixedBatches(*self._source_loaders, self.image_ratio, self.batch_size, self.seed)
+        # The video loader yields uint8 frames; they become float clips here, before the mix.
+        mixed = MixedBatches(*self._source_loaders, self.image_ratio, self.batch_size, self.seed,
+                             prepare_video=getattr(self.video, "on_after_batch_transfer", None))
         return DataLoader(mixed, batch_size=None, num_workers=0)
 
     def teardown(self, stage: str) -> None:
@@ -135,3 +140,7 @@ class JointImageVideoDataModule(lightning.LightningDataModule):
 
     def val_dataloader(self) -> Any:
         return self.video.val_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Validation batches are the video datamodule's: its conversion (uint8 frames -> float clip)."""
+        return self.video.on_after_batch_transfer(batch, dataloader_idx)

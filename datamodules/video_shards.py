@@ -37,7 +37,8 @@ from datamodules.buckets import BucketTable
 from datamodules.shard_datamodule import ShardDataModule, SkippedSampleWarning
 from datamodules.shard_lists import ShardSpec
 from datamodules.video_decoders import get_decoder
-from datamodules.video_decoding import ClipTooShortError, VideoDecodeError, decode_clip, sample_frame_indices
+from datamodules.video_decoding import (ClipTooShortError, VideoDecodeError, decode_frames, frames_to_video,
+                                        sample_frame_indices)
 
 __all__ = ["DecodeSamples", "SkippedSampleWarning", "VideoShardDataModule", "collate_clips"]
 
@@ -45,8 +46,8 @@ Sample = dict[str, Any]
 
 
 def collate_clips(samples: list[Sample]) -> dict[str, Any]:
-    """Stack decoded samples into a batch: tensors (`video` (B, C, F, H, W), or `latent` and
-    text embeddings from encoded shards) are stacked; text and metadata stay Python lists."""
+    """Stack decoded samples into a batch: tensors (`frames` (B, F, H, W, 3) uint8, or `latent`
+    and text embeddings from encoded shards) are stacked; text and metadata stay Python lists."""
     return {
         name: torch.stack([s[name] for s in samples]) if isinstance(value, torch.Tensor) else [s[name] for s in samples]
         for name, value in samples[0].items()
@@ -65,7 +66,8 @@ def _outside_archive(key: str) -> bool:
 
 
 class DecodeSamples:
-    """Pipeline stage: raw shard samples -> `{"video", "caption", "key", "meta"}`.
+    """Pipeline stage: raw shard samples -> `{"frames" (F, H, W, 3) uint8, "caption", "key",
+    "meta"}` (`frames_to_video` makes the float clip).
 
     A sample that cannot be used is skipped with one `SkippedSampleWarning` naming its shard
     and key, and counted in the shared `skipped` counter.
@@ -74,14 +76,14 @@ class DecodeSamples:
     media_member = "mp4"  # the member a usable sample must have
 
     def __init__(self, skipped: Any, *, caption_key: str, seed: int, num_frames: int | None, stride: int,
-                 random_start: bool, size: int | None, channels: int, timeout: float | None = None,
+                 random_start: bool, size: int | None, timeout: float | None = None,
                  require_caption: bool = False, max_pixels: int | None = None, cache_mb: float = 0,
                  decoder: str = "decord") -> None:  # fmt: skip
         self.skipped, self.caption_key, self.seed = skipped, caption_key, seed
         self.require_caption = require_caption
         self.random_start = random_start
         self.clip_options = dict(num_frames=num_frames, stride=stride, random_start=random_start,
-                                 size=size, channels=channels, timeout=timeout, max_pixels=max_pixels,
+                                 size=size, timeout=timeout, max_pixels=max_pixels,
                                  decoder=decoder)
         self.cache = DecodedClips(cache_mb) if cache_mb > 0 else None
 
@@ -134,15 +136,16 @@ class DecodeSamples:
 
     def decode_media(self, sample: Sample, url: str, key: str, rng: np.random.Generator | None,
                      options: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The sample's tensors decoded with `options` (`rng` draws the start frame); raises
-        `VideoDecodeError` / `ClipTooShortError` naming it."""
+        """The sample's tensors decoded with `options` (`rng` draws the start frame): uint8
+        `frames` (F, H, W, 3); raises `VideoDecodeError` / `ClipTooShortError` naming it."""
         if self.cache is None:
-            return {"video": decode_clip(sample["mp4"], url=url, key=key, rng=rng, **options)}
+            return {"frames": decode_frames(sample["mp4"], url=url, key=key, rng=rng, **options)}
         clip = self.cache.get(url, key)
         if clip is None:  # every frame, so any start frame of a later epoch is in the cache
             every_frame = {**options, "num_frames": None, "stride": 1, "random_start": False}
-            clip = self.cache.put(url, key, decode_clip(sample["mp4"], url=url, key=key, rng=None, **every_frame))
-        return {"video": clip[:, self.frame_indices(clip.shape[1], url, key, rng, options)]}
+            # contiguous: a crop is a view, which would keep the whole decoded clip alive
+            clip = self.cache.put(url, key, decode_frames(sample["mp4"], url=url, key=key, rng=None, **every_frame).contiguous())
+        return {"frames": clip[self.frame_indices(len(clip), url, key, rng, options)]}
 
     def frame_indices(self, num_available: int, url: str, key: str, rng: np.random.Generator | None,
                       options: dict[str, Any] | None = None) -> np.ndarray:
@@ -155,9 +158,9 @@ class DecodeSamples:
 
 
 class DecodedClips:
-    """Decoded clips (every frame, resized) kept in a reader's memory up to `max_mb`, so that
-    the epochs after the first decode nothing: a small dataset read for many epochs (the
-    moving digits' 2,000 clips take 32 MB) is otherwise decode-bound on a CPU. Each DataLoader
+    """Decoded clips (every frame, resized, uint8) kept in a reader's memory up to `max_mb`, so
+    that the epochs after the first decode nothing: a small dataset read for many epochs (the
+    moving digits' 2,000 clips take 24 MB) is otherwise decode-bound on a CPU. Each DataLoader
     worker holds its own (workers persist across epochs). Clips past the budget are decoded
     every time: with a cyclic read order, evicting would only ever evict the next clip. Meant
     for short clips: a clip is decoded whole, so the decode budget (`max_pixels`) counts all
@@ -189,6 +192,12 @@ class VideoShardDataModule(ShardDataModule):
     """Batches `{"video": (B, C, F, H, W) float32 in [-1, 1], "caption": [str], "key": [str],
     "meta": [dict]}` from WebDataset shards of mp4/txt/json samples (see `ShardDataModule` for
     the epochs and the train/validation streams).
+
+    The loaders yield the clips as decoded, `"frames"`: uint8 `(B, F, H, W, 3)` RGB, and
+    `on_after_batch_transfer` (which the trainer calls once the batch is on the model's
+    device) makes `"video"` of them with `frames_to_video`: a quarter of the bytes to move
+    between processes and to the accelerator, and no float work in the workers. Code that
+    iterates a loader itself calls `dm.on_after_batch_transfer(batch, 0)`.
 
     Train clips start at a random frame (`random_start`), validation clips at the first.
     `num_frames=None` takes every frame (at `frame_stride`); `size=None` keeps the resolution.
@@ -244,6 +253,14 @@ class VideoShardDataModule(ShardDataModule):
         get_decoder(decoder)  # an unknown or uninstalled `data.decoder` fails here, not in a worker
         self.decoder = decoder
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """`"frames"` (uint8, as the loaders yield them) -> `"video"` (B, C, F, H, W) float32 in
+        [-1, 1], on the batch's device."""
+        if isinstance(batch, dict) and "frames" in batch:
+            batch = {**batch, "video": frames_to_video(batch["frames"], self.channels)}
+            del batch["frames"]
+        return batch
+
     def _count_samples(self, urls: list[str]) -> dict[str, int]:
         if self.bucket_table is None:
             return super()._count_samples(urls)
@@ -284,7 +301,7 @@ class VideoShardDataModule(ShardDataModule):
         return DecodeSamples(
             self._skipped, caption_key=self.caption_key, seed=self.seed,
             num_frames=self.num_frames, stride=self.frame_stride,
-            random_start=self.random_start and train, size=self.size, channels=self.channels,
+            random_start=self.random_start and train, size=self.size,
             timeout=self.decode_timeout, require_caption=self.require_caption, max_pixels=self.max_decode_pixels,
             cache_mb=self.decoded_cache_mb, decoder=self.decoder,
         )

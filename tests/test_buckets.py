@@ -102,15 +102,15 @@ def test_bucketed_batches_have_one_shape_and_never_upscale_and_unfit_clips_are_n
         assert len(kinds) == 1, batch["key"]
         (frames, height, width), bucket = CLIPS[kinds.pop()]
         expected = TABLE[bucket]
-        assert batch["video"].shape == (expected["batch_size"], 3, expected["frames"], expected["height"],
-                                        expected["width"])
+        assert batch["frames"].shape == (expected["batch_size"], expected["frames"], expected["height"],
+                                         expected["width"], 3)  # (B, F, H, W, 3) uint8, as decoded
         assert expected["height"] <= height and expected["width"] <= width  # cropped, never upscaled
 
 
 def test_batch_shares_follow_the_weights_within_one_batch_over_1000_batches(tmp_path):
     bucket_shards(tmp_path / "shards", per_kind=2)
     dm = datamodule(tmp_path / "shards", epoch_samples=1800)  # mean batch 0.5*2 + 0.3*2 + 0.2*1 = 1.8
-    shapes = Counter(tuple(batch["video"].shape[2:]) for batch in dm.train_dataloader())
+    shapes = Counter(tuple(batch["frames"].shape[1:4]) for batch in dm.train_dataloader())
     assert sum(shapes.values()) == 1000
     for entry in TABLE:
         share = shapes[(entry["frames"], entry["height"], entry["width"])] / 1000
@@ -121,7 +121,7 @@ def test_without_weights_batch_shares_follow_the_clips(tmp_path):
     bucket_shards(tmp_path / "shards", per_kind=4)
     unweighted = [{k: v for k, v in entry.items() if k != "weight"} for entry in TABLE]
     dm = datamodule(tmp_path / "shards", buckets=unweighted)
-    shapes = Counter(tuple(batch["video"].shape[2:]) for batch in dm.train_dataloader())
+    shapes = Counter(tuple(batch["frames"].shape[1:4]) for batch in dm.train_dataloader())
     # 8 clips per bucket: 4, 4 and 8 batches (batch sizes 2, 2, 1)
     assert [shapes[(e["frames"], e["height"], e["width"])] for e in TABLE] == [4, 4, 8]
 
@@ -139,7 +139,7 @@ def test_a_bucketed_stream_resumes_with_the_same_batches(tmp_path, num_workers, 
     assert len(reference) > stop_after + 2
     assert [b["key"] for b in rest] == [b["key"] for b in reference[stop_after:]]
     for ours, theirs in zip(rest, reference[stop_after:]):
-        assert torch.equal(ours["video"], theirs["video"])
+        assert torch.equal(ours["frames"], theirs["frames"])
 
 
 def test_every_rank_gets_the_same_number_of_bucketed_batches(tmp_path, monkeypatch):

@@ -111,7 +111,7 @@ def test_datamodule_reads_video2dataset_shards_and_skips_failed_entries_quietly(
         warnings.simplefilter("always")
         batches = list(data.val_pipeline())
     assert [key for batch in batches for key in batch["key"]] == ["000000000", "000000002", "000000004"]
-    assert batches[0]["caption"] == ["clip 0", "clip 2", "clip 4"] and batches[0]["video"].shape == (3, 3, 4, 16, 16)
+    assert batches[0]["caption"] == ["clip 0", "clip 2", "clip 4"] and batches[0]["frames"].shape == (3, 4, 16, 16, 3)
     assert data.num_skipped_samples == 2
     assert not [w for w in caught if issubclass(w.category, SkippedSampleWarning)]
 

@@ -41,7 +41,7 @@ def test_loss_falls_on_an_overfit_batch(digits_data_root: Path, tmp_path: Path, 
     )
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    batch = next(iter(datamodule.val_dataloader()))
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.val_dataloader())), 0)
     conditioning = lambda: model.condition(batch, drop=False)  # noqa: E731 - re-encoded as the text tower learns
     evaluate = lambda: model.diffusion_loss(  # noqa: E731 - fixed noise and timesteps
         batch["video"], conditioning(), torch.Generator().manual_seed(0)

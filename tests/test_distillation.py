@@ -119,7 +119,7 @@ def test_distillation_trains_only_the_student(digits_data_root: Path, tmp_path: 
     student, cfg = tiny_student(digits_data_root, tmp_path, paradigm, teacher_checkpoint)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    batch = next(iter(datamodule.val_dataloader()))
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.val_dataloader())), 0)
     teacher_before = [p.clone() for p in student.objective.teacher.parameters()]
     optimizer = student.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer

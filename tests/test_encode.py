@@ -49,7 +49,7 @@ def encoded(tmp_path_factory, digits_data_root) -> dict[str, Path]:
 
 def first_batch(dm, **kwargs):
     dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
+    return dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)  # as the trainer hands it over
 
 
 def test_encoded_batches_give_the_training_step_the_encoders_inputs(encoded, digits_data_root):
