@@ -65,3 +65,12 @@ def test_foreach_ema_gives_lightnings_average_exactly(tmp_path: str, use_buffers
         assert torch.equal(foreach[name], value), name
     trained = fit_average(ForeachEMA(decay=0.0, update_starting_at_step=2), str(tmp_path))
     assert not torch.equal(trained["layer.weight"], foreach["layer.weight"])  # the average is not the last weights
+
+
+def test_runs_written_before_foreach_ema_still_resume() -> None:
+    from lit_models.trusted_config import check_trusted
+
+    # A run folder's config.yaml is an artifact: its old EMA target must stay buildable.
+    check_trusted({"callbacks": {"ema": {"_target_": "lightning.pytorch.callbacks.EMAWeightAveraging", "decay": 0.99}}},
+                  "runs/old/config.yaml")
+    assert ForeachEMA(decay=0.99).state_key == EMAWeightAveraging(decay=0.99).state_key  # its callback state loads
