@@ -121,12 +121,14 @@ def lightning_loop(cfg: DictConfig, batch: dict[str, Any], steps: int, effvid: b
     return [b - a for a, b in zip(clock.starts, clock.starts[1:])]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=20)
+def benchmark_args(description: str, steps: int, rounds: int, threads: int) -> argparse.Namespace:
+    """--steps, --warmup, --rounds and --threads (these defaults), torch's thread count set, W&B
+    offline and silent, Lightning's and Python's warnings off."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=threads)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import logging
@@ -137,6 +139,11 @@ def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    return args
+
+
+def main() -> None:
+    args = benchmark_args(__doc__.split("\n")[0], steps=20, rounds=3, threads=2)
 
     medians: dict[str, list[float]] = {"bare PyTorch loop": [], "Lightning Trainer (bare)": [], "effvid-train set-up": []}
     with tempfile.TemporaryDirectory() as tmp:

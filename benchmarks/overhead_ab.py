@@ -17,7 +17,6 @@ the components' own timings (EMA ~29 -> ~4 ms, AdamW ~9 -> ~2 ms of ~0.45 s) sug
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -25,11 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra import compose, initialize_config_module
 from torch.utils.data import DataLoader
 
-from benchmarks.overhead import RepeatBatch, StepClock, make_batch, make_model
+from benchmarks.overhead import RepeatBatch, StepClock, benchmark_args, make_batch, make_model
 
 # The frozen text tower the quickstart conditions on (runs/digits-text, see the Makefile); the
 # benchmark's own runs go to a temporary folder.
@@ -74,20 +72,7 @@ def median_step(runs_dir: Path, run_id: str, overrides: list[str], steps: int, w
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    import logging
-    import warnings
-
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("WANDB_SILENT", "true")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    args = benchmark_args(__doc__.split("\n")[0], steps=30, rounds=4, threads=1)
 
     rows: dict[str, list[tuple[float, float]]] = {"A before": [], "B after": []}
     with tempfile.TemporaryDirectory() as tmp:
