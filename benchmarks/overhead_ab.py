@@ -17,21 +17,16 @@ the components' own timings (EMA ~29 -> ~4 ms, AdamW ~9 -> ~2 ms of ~0.45 s) sug
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_module
 from torch.utils.data import DataLoader
 
-from benchmarks.overhead import RepeatBatch, StepClock, benchmark_args, make_batch, make_model
+from benchmarks.overhead import RepeatBatch, StepClock, benchmark_args, compose_config, make_batch, make_model
 
-# The frozen text tower the quickstart conditions on (runs/digits-text, see the Makefile); the
-# benchmark's own runs go to a temporary folder.
-TEXT_TOWER = Path(os.environ.get("EFFVID_RUNS", "runs")).resolve() / "digits-text" / "checkpoints" / "last.ckpt"
 BEFORE = ["callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "paradigm.optimizer.fused=false",
           "paradigm.text_encoder.cached_captions=0"]
 
@@ -54,15 +49,9 @@ def median_step(runs_dir: Path, run_id: str, overrides: list[str], steps: int, w
 
     from experiments.train import build
 
-    with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
-        cfg = compose("train", overrides=[
-            "experiment=digits_quickstart", f"runs_dir={runs_dir}", f"run_id={run_id}", "data_root=/nonexistent",
-            f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "+trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false", "callbacks.ema.update_starting_at_step=0",
-            f"paradigm.text_encoder.weights={TEXT_TOWER}", *overrides,
-        ])
+    cfg = compose_config(runs_dir / run_id, steps, ["callbacks.ema.update_starting_at_step=0", *overrides])
     batch, model, clock = make_batch(cfg), make_model(cfg), CpuStepClock()
-    _, _, trainer = build(cfg, runs_dir / run_id)
+    _, _, trainer = build(cfg, runs_dir / run_id / "overhead")
     trainer.callbacks.append(clock)
     trainer.fit(model, train_dataloaders=DataLoader(RepeatBatch(batch, steps + 1), batch_size=None))
     wandb.finish()
