@@ -192,15 +192,12 @@ class OpenClipTextEncoder(nn.Module):
         if not self._use_cache:
             return self(self.tokenize(captions).to(device))
         rows = self._caption_cache
-        fresh = {}
-        for caption in dict.fromkeys(c for c in captions if c not in rows):
-            # One caption at a time: its features never depend on which captions shared its
-            # batch (a float-noise difference), so a resumed run gets the same floats.
-            tokens = self.tokenize([caption]).to(device)  # (1, L)
+        missing = [c for c in dict.fromkeys(captions) if c not in rows]
+        if missing:
+            tokens = self.tokenize(missing).to(device)  # (M, L)
             with torch.no_grad():
-                pooled, features = self.text(tokens)  # (1, P), (1, L, D)
-            fresh[caption] = (tokens[0], pooled[0], features[0])
-        if fresh:
+                pooled, features = self.text(tokens)  # (M, P), (M, L, D)
+            fresh = {c: (tokens[i], pooled[i], features[i]) for i, c in enumerate(missing)}
             rows.update(list(fresh.items())[: max(self.cached_captions - len(rows), 0)])
             rows = {**rows, **fresh}
         tokens, pooled, features = (torch.stack(parts) for parts in zip(*(rows[c] for c in captions)))
