@@ -62,10 +62,6 @@ def _named_text_tower(model_name: str, pretrained: str | None) -> TextTransforme
     return tower
 
 
-def _forget_cached_captions(encoder: OpenClipTextEncoder, incompatible_keys: Any) -> None:
-    encoder._caption_cache.clear()  # a module-level hook: the encoder stays picklable
-
-
 class OpenClipTextEncoder(nn.Module):
     """Captions -> per-token features, pooled feature and padding mask, via open_clip.
 
@@ -110,7 +106,7 @@ class OpenClipTextEncoder(nn.Module):
         self.cached_captions = cached_captions
         self._caption_cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # caption -> (tokens, pooled, features)
         self._use_cache = False  # True from train(True) to the next train(False)
-        self.register_load_state_dict_post_hook(_forget_cached_captions)
+        self.register_load_state_dict_post_hook(lambda module, keys: module._caption_cache.clear())
         if text_cfg is not None:
             if embed_dim is None:
                 raise ValueError("OpenClipTextEncoder: text_cfg needs embed_dim (the pooled feature width)")
