@@ -83,11 +83,6 @@ class OpenClipTextEncoder(nn.Module):
             trained with the video model even when the tower is frozen (PixArt-alpha's caption
             projection over frozen T5). Zero-initialised output: at step 0 the features are the
             tower's own.
-        cached_captions: a frozen tower keeps the features of up to this many distinct
-            captions while its module trains, instead of re-encoding them every step (the
-            quickstart's 80 captions and the empty one; 0: no cache). The cache starts empty at
-            every `train()` / `eval()` and weight load, so weights swapped in for validation (the
-            EMA's) or loaded are always encoded afresh.
     """
 
     def __init__(
@@ -100,13 +95,8 @@ class OpenClipTextEncoder(nn.Module):
         freeze_token_embedding: bool = False,
         weights: str | None = None,
         caption_projection: bool = False,
-        cached_captions: int = 0,
     ) -> None:
         super().__init__()
-        self.cached_captions = cached_captions
-        self._caption_cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # caption -> (tokens, pooled, features)
-        self._use_cache = False  # True from train(True) to the next train(False)
-        self.register_load_state_dict_post_hook(lambda module, keys: module._caption_cache.clear())
         if text_cfg is not None:
             if embed_dim is None:
                 raise ValueError("OpenClipTextEncoder: text_cfg needs embed_dim (the pooled feature width)")
@@ -158,8 +148,6 @@ class OpenClipTextEncoder(nn.Module):
     def train(self, mode: bool = True) -> OpenClipTextEncoder:
         # A frozen tower stays in eval mode whatever the LightningModule around it does.
         super().train(mode and self.trainable)
-        self._caption_cache.clear()
-        self._use_cache = mode and not self.trainable and self.cached_captions > 0
         for projection in (getattr(self, "token_projection", None), getattr(self, "pooled_projection", None)):
             if projection is not None:  # None also while __init__ runs, before they exist
                 projection.train(mode)
@@ -173,31 +161,14 @@ class OpenClipTextEncoder(nn.Module):
         # tokens: (B, L) int64
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             pooled, features = self.text(tokens)  # (B, P), (B, L, D)
-        return self.embedding(tokens, pooled, features)
-
-    def embedding(self, tokens: Tensor, pooled: Tensor, features: Tensor) -> TextEmbedding:
-        """The tower's output `(B, P)`, `(B, L, D)` for `tokens` `(B, L)`, through the projection."""
         if self.token_projection is not None:
             features, pooled = self.token_projection(features), self.pooled_projection(pooled)
         return TextEmbedding(tokens=features, pooled=pooled, mask=tokens != self.text.pad_id)
 
     def encode(self, captions: list[str]) -> TextEmbedding:
-        """Tokenize on the CPU and embed on the module's device (a frozen tower's captions from
-        its cache while training, see `cached_captions`)."""
+        """Tokenize on the CPU and embed on the module's device."""
         device = next(self.parameters()).device
-        if not self._use_cache:
-            return self(self.tokenize(captions).to(device))
-        rows = self._caption_cache
-        missing = [c for c in dict.fromkeys(captions) if c not in rows]
-        if missing:
-            tokens = self.tokenize(missing).to(device)  # (M, L)
-            with torch.no_grad():
-                pooled, features = self.text(tokens)  # (M, P), (M, L, D)
-            fresh = {c: (tokens[i], pooled[i], features[i]) for i, c in enumerate(missing)}
-            rows.update(list(fresh.items())[: max(self.cached_captions - len(rows), 0)])
-            rows = {**rows, **fresh}
-        tokens, pooled, features = (torch.stack(parts) for parts in zip(*(rows[c] for c in captions)))
-        return self.embedding(tokens, pooled, features)  # (B, L), (B, P), (B, L, D)
+        return self(self.tokenize(captions).to(device))
 
 
 class _ResidualProjection(nn.Module):
