@@ -40,6 +40,8 @@ EXTRA_TRUSTED = frozenset({
     "torch.optim.SGD",
     # Paradigm targets of run configs written before paradigms became objectives of one module.
     "lit_models.text_to_video.TextToVideo",
+    # The EMA callback of run configs written before experiments.weight_averaging.ForeachEMA.
+    "lightning.pytorch.callbacks.EMAWeightAveraging",
 })
 
 _command_line_targets: set[str] = set()
