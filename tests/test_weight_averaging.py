@@ -59,7 +59,9 @@ def fit_average(callback: EMAWeightAveraging, tmp_path: str) -> dict[str, torch.
 def test_foreach_ema_gives_lightnings_average_exactly(tmp_path: str, use_buffers: bool) -> None:
     options = dict(decay=0.9, update_starting_at_step=2, use_buffers=use_buffers)
     lightning = fit_average(EMAWeightAveraging(**options), str(tmp_path))
-    foreach = fit_average(ForeachEMA(**options), str(tmp_path))
+    foreach = fit_average(callback := ForeachEMA(**options), str(tmp_path))
+    average = callback._average_model
+    assert average.avg_fn is None and average.multi_avg_fn is not None  # the foreach update ran, not Lightning's
     assert lightning.keys() == foreach.keys()
     for name, value in lightning.items():
         assert torch.equal(foreach[name], value), name
