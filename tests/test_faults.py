@@ -152,3 +152,30 @@ def test_training_on_faulty_shards_finishes_and_logs_the_skipped_count(tmp_path,
     status = json.loads((tmp_path / "runs" / "faulty" / "run.json").read_text())
     assert status["status"] == "completed" and status["global_step"] == 3
     assert metrics["data/skipped_samples"] == 2
+
+
+def test_a_failed_frame_allocation_skips_the_clip_naming_it(tmp_path, monkeypatch):
+    # numpy raises MemoryError when the decoded frames cannot be allocated: the clip is skipped
+    # with its shard and key, counted, and the batch goes on with the others.
+    from datamodules import video_decoders
+
+    write_tar(tmp_path / "shards" / "shard-000000.tar", good("a") | good("big") | good("z"))
+    real = video_decoders.DECODERS["decord"]
+
+    def decode(data, choose):
+        if decode.calls == 1:  # the second clip, "big"
+            decode.calls += 1
+            raise MemoryError("Unable to allocate 3.00 GiB for an array with shape (64, 4096, 4096, 3)")
+        decode.calls += 1
+        return real(data, choose)
+
+    decode.calls = 0
+    monkeypatch.setitem(video_decoders.DECODERS, "decord", decode)
+    dm = VideoShardDataModule(tmp_path / "shards", val_shards=tmp_path / "shards", batch_size=3, num_workers=0,
+                              num_frames=None, frame_stride=1, size=16)
+    with pytest.warns(SkippedSampleWarning) as caught:
+        keys = [k for batch in dm.val_dataloader() for k in batch["key"]]
+    shard = tmp_path / "shards" / "shard-000000.tar"
+    assert keys == ["a", "z"] and dm.num_skipped_samples == 1
+    assert [str(w.message) for w in caught if issubclass(w.category, SkippedSampleWarning)] == [
+        f"skipping mp4 of sample big in shard {shard}: cannot allocate memory to decode it"]
