@@ -92,7 +92,9 @@ def _decoded_batches(url: str, size: int | None, channels: int, skipped: Any, ti
         wds.batched(batch_size, collation_fn=list, partial=True),
     )
     for samples in pipeline:
-        yield [{**s, "video": frames_to_video(s.pop("frames"), channels)} for s in samples]  # (C, F, H, W)
+        for sample in samples:
+            sample["video"] = frames_to_video(sample.pop("frames"), channels)  # (C, F, H, W)
+        yield samples
 
 
 @torch.no_grad()

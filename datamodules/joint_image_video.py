@@ -126,7 +126,7 @@ class JointImageVideoDataModule(lightning.LightningDataModule):
         self._source_loaders = [self.video.train_dataloader(), self.images.train_dataloader()]
         # The video loader yields uint8 frames; they become float clips here, before the mix.
         mixed = MixedBatches(*self._source_loaders, self.image_ratio, self.batch_size, self.seed,
-                             prepare_video=getattr(self.video, "on_after_batch_transfer", None))
+                             prepare_video=self.video.on_after_batch_transfer)
         return DataLoader(mixed, batch_size=None, num_workers=0)
 
     def teardown(self, stage: str) -> None:
