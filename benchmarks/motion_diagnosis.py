@@ -144,13 +144,15 @@ def probe(args: argparse.Namespace) -> None:
     from omegaconf import OmegaConf
 
     torch.set_num_threads(args.threads)
-    paradigm = OmegaConf.load(Path(__file__).parents[1] / "experiments/conf/paradigm/text_to_video.yaml")
+    # The text_to_video paradigm's tower (its defaults list names this file; OmegaConf.load
+    # alone does not resolve a defaults list).
+    tower = OmegaConf.load(Path(__file__).parents[1] / "experiments/conf/paradigm/text_encoder/open_clip_tiny.yaml")
     print("| text tower | feature | direction probe acc. (unseen digits) | digit probe acc. (unseen directions) |")
     print("|---|---|---|---|")
     results: dict[str, list[tuple[float, float]]] = {}
     for seed in range(args.seeds):
         torch.manual_seed(seed)
-        for name, accuracy in probe_rows(instantiate(paradigm.text_encoder)).items():
+        for name, accuracy in probe_rows(instantiate(tower)).items():
             results.setdefault(name, []).append(accuracy)
     for name, values in results.items():
         direction, digit = np.mean(values, axis=0)
