@@ -55,6 +55,28 @@ class ForeachEMA(EMAWeightAveraging):
         # (AveragedModel takes one of the two).
         self._kwargs = {**self._kwargs, "avg_fn": None, "multi_avg_fn": ema_multi_avg_fn(decay)}
 
+    def _follow_weights_until_first_update(self, pl_module: Any) -> None:
+        # Until its first update the average is the copy taken when fit started (the initial
+        # weights), and Lightning swaps it in for validation, checkpoints and the end of
+        # training all the same: a run shorter than update_starting_at_step would end with the
+        # weights it started from. Until then the average is the weights themselves (n_averaged
+        # stays 0, so the first update still starts the average afresh).
+        average = self._average_model
+        if average is not None and int(average.n_averaged) == 0:
+            average.module.load_state_dict(pl_module.state_dict())
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._follow_weights_until_first_update(pl_module)
+        super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self._follow_weights_until_first_update(pl_module)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._follow_weights_until_first_update(pl_module)
+        super().on_train_end(trainer, pl_module)
+
     @property
     def state_key(self) -> str:
         # Lightning's class name: checkpoints written with either callback resume with the other.

@@ -76,3 +76,27 @@ def test_runs_written_before_foreach_ema_still_resume() -> None:
     check_trusted({"callbacks": {"ema": {"_target_": "lightning.pytorch.callbacks.EMAWeightAveraging", "decay": 0.99}}},
                   "runs/old/config.yaml")
     assert ForeachEMA(decay=0.99).state_key == EMAWeightAveraging(decay=0.99).state_key  # its callback state loads
+
+
+def test_a_run_shorter_than_the_ema_start_keeps_its_trained_weights(tmp_path) -> None:
+    # Lightning's average holds the initial weights until its first update and is swapped in
+    # at validation, checkpoints and the end of fit regardless: 8 steps of training were lost.
+    L.seed_everything(0, verbose=False)
+    module = TinyRegression()
+    initial = module.layer.weight.detach().clone()
+    raw: dict[str, torch.Tensor] = {}
+
+    class KeepRaw(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+            raw.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    callback = ForeachEMA(decay=0.9, update_starting_at_step=100)
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[KeepRaw(), callback], default_root_dir=str(tmp_path))
+    trainer.fit(module, DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=8))
+    assert int(callback._average_model.n_averaged) == 0  # never updated
+    assert not torch.equal(module.layer.weight, initial)
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, raw[name]), name  # the trained weights, not the start's
+    checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)
+    assert torch.equal(checkpoint["state_dict"]["layer.weight"], raw["layer.weight"])
