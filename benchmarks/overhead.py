@@ -14,11 +14,10 @@ for effvid's row is <= 1.05.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset
+
+from experiments.run_dir import runs_root
 
 CAPTIONS = [f"a handwritten {i % 10} moving up-left" for i in range(16)]
 
@@ -57,15 +58,15 @@ class StepClock(Callback):
 
 # The frozen text tower the quickstart conditions on (runs/digits-text, see the Makefile); the
 # benchmarks' own runs go to a temporary folder, where it is not.
-TEXT_TOWER = Path(os.environ.get("EFFVID_RUNS", "runs")).resolve() / "digits-text" / "checkpoints" / "last.ckpt"
+TEXT_TOWER = runs_root().resolve() / "digits-text" / "checkpoints" / "last.ckpt"
 
 
-def compose_config(runs_dir: Path, steps: int, overrides: Sequence[str] = ()) -> DictConfig:
+def compose_config(runs_dir: Path, steps: int) -> DictConfig:
     with initialize_config_module(version_base="1.3", config_module="experiments.conf"):
         return compose("train", overrides=[
             "experiment=digits_quickstart", f"runs_dir={runs_dir}", "run_id=overhead", "data_root=/nonexistent",
             f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "+trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false", f"paradigm.text_encoder.weights={TEXT_TOWER}", *overrides,
+            "trainer.enable_model_summary=false", f"paradigm.text_encoder.weights={TEXT_TOWER}",
         ])
 
 
@@ -127,28 +128,22 @@ def lightning_loop(cfg: DictConfig, batch: dict[str, Any], steps: int, effvid: b
     return [b - a for a, b in zip(clock.starts, clock.starts[1:])]
 
 
-def benchmark_args(description: str, steps: int, rounds: int, threads: int) -> argparse.Namespace:
-    """--steps, --warmup, --rounds and --threads (these defaults), torch's thread count set, W&B
-    offline and silent, Lightning's and Python's warnings off."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--steps", type=int, default=steps)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=rounds)
-    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import logging
+    import os
     import warnings
 
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    return args
-
-
-def main() -> None:
-    args = benchmark_args(__doc__.split("\n")[0], steps=20, rounds=3, threads=2)
 
     medians: dict[str, list[float]] = {"bare PyTorch loop": [], "Lightning Trainer (bare)": [], "effvid-train set-up": []}
     with tempfile.TemporaryDirectory() as tmp:
