@@ -166,6 +166,17 @@ def test_text_encoder_tokenizes_offline_and_embeds_captions():
     assert embedding.pooled.requires_grad
 
 
+def test_text_encoder_token_cache_gives_the_tokenizers_ids(monkeypatch):
+    monkeypatch.setattr("lit_models.conditioning.TOKEN_CACHE_SIZE", 3)  # small enough to overflow below
+    encoder = OpenClipTextEncoder(text_cfg=TINY_TEXT, embed_dim=24, trainable=True)
+    batches = [["a handwritten 7 moving up", "a handwritten 1 moving down", "a handwritten 7 moving up"],
+               ["a handwritten 1 moving down", "a handwritten 2 moving left"],
+               ["a handwritten 3 moving right", "a handwritten 4 moving up-left", "a handwritten 7 moving up"], []]
+    for captions in batches:
+        assert torch.equal(encoder.tokenize(captions), encoder.tokenizer(captions))
+        assert len(encoder._token_ids) <= 3
+
+
 def test_frozen_text_encoder_stays_frozen_and_in_eval():
     encoder = OpenClipTextEncoder(text_cfg=TINY_TEXT | {"layers": 1}, embed_dim=16, trainable=False)
     holder = nn.ModuleDict({"text": encoder})
