@@ -151,6 +151,13 @@ class ShardDataModule(lightning.LightningDataModule):
             self._train_loader.mark_consumed()
         return batch
 
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        # The loaders' batches are on the CPU already; Lightning would still rebuild every list
+        # and dict of the batch (captions, keys, per-sample metadata: ~2.5 ms a batch of 64).
+        if getattr(device, "type", None) == "cpu":
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position (saved by Lightning in every checkpoint). Lightning
         saves the train loader's own state too, but restores it only when the loader is made

@@ -317,3 +317,11 @@ def test_decoded_clip_cache_gives_the_same_batches_and_decodes_each_clip_once(tm
     assert [b["key"] for b in cached] == [b["key"] for b in plain]
     assert all(torch.equal(a["frames"], b["frames"]) for a, b in zip(cached, plain))  # random start frames too
     assert len(decoded) == 8 * decodes_per_clip and len(set(decoded)) == 8  # 0.01 MB holds no 16-frame clip
+
+
+def test_batches_reach_the_device_with_their_tensors_moved_and_everything_else_kept(tmp_path):
+    dm = VideoShardDataModule(tmp_path / "shards", num_workers=0)
+    batch = {"frames": torch.zeros(2, 3, 4, 4, 3, dtype=torch.uint8), "caption": ["a", "b"], "meta": [{"digit": 1}, {}]}
+    assert dm.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch  # already there
+    moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)  # any other device: moved
+    assert moved["frames"].device.type == "meta" and moved["caption"] == ["a", "b"] and moved["meta"] == batch["meta"]
