@@ -116,6 +116,10 @@ class JointImageVideoDataModule(lightning.LightningDataModule):
         self.image_ratio, self.batch_size, self.seed = image_ratio, batch_size, seed
         self._source_loaders: list[Any] = []
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # The video datamodule's move (a shard datamodule's keeps a CPU batch as it is).
+        return self.video.transfer_batch_to_device(batch, device, dataloader_idx)
+
     def setup(self, stage: str | None = None) -> None:
         for datamodule in (self.video, self.images):
             datamodule.trainer = getattr(self, "trainer", None)

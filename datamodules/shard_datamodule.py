@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning
+import torch
 import webdataset as wds
 
 from datamodules.bucket_batches import BucketPlan
@@ -151,10 +152,10 @@ class ShardDataModule(lightning.LightningDataModule):
             self._train_loader.mark_consumed()
         return batch
 
-    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # The loaders' batches are on the CPU already; Lightning would still rebuild every list
         # and dict of the batch (captions, keys, per-sample metadata: ~2.5 ms a batch of 64).
-        if getattr(device, "type", None) == "cpu":
+        if device.type == "cpu":
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 

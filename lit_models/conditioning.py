@@ -34,9 +34,37 @@ from lit_models.checkpoint_weights import load_into, load_prefixed_weights
 # a standalone `TextTransformer`'s.
 _CLIP_TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
 
-# Captions whose token ids OpenClipTextEncoder keeps (~1 KB each at a 77-token context); a
+# Captions whose token ids a CaptionTokenCache keeps (~1 KB each at a 77-token context); a
 # stream of ever-new captions empties the cache when it fills instead of growing it.
 TOKEN_CACHE_SIZE = 65536
+
+
+class CaptionTokenCache:
+    """A tokenizer's ids `(B, L)` for captions, each distinct caption tokenized once.
+
+    A caption's ids depend on it alone, and training repeats captions (the moving digits have
+    80): BPE over them again every step is 2-4 % of the text stage's step.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._ids: dict[str, Tensor] = {}  # caption -> (L,) ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __call__(self, captions: list[str]) -> Tensor:
+        captions = list(captions)
+        if not captions:
+            return self.tokenizer(captions)
+        unique = list(dict.fromkeys(captions))
+        new = [caption for caption in unique if caption not in self._ids]
+        if new:
+            if len(self._ids) + len(new) > TOKEN_CACHE_SIZE:
+                self._ids.clear()
+                new = unique
+            self._ids.update(zip(new, self.tokenizer(new)))
+        return torch.stack([self._ids[caption] for caption in captions])  # (B, L)
 
 
 @dataclass
@@ -113,7 +141,7 @@ class OpenClipTextEncoder(nn.Module):
             self.tokenizer = open_clip.get_tokenizer(model_name, context_length=self.text.context_length)
         else:
             raise ValueError("OpenClipTextEncoder: needs model_name or text_cfg")
-        self._token_ids: dict[str, Tensor] = {}  # caption -> (L,) ids, see tokenize
+        self._token_ids = CaptionTokenCache(self.tokenizer)
         vocab_size = getattr(self.tokenizer, "vocab_size", None) or len(self.tokenizer.encoder)
         if self.text.vocab_size < vocab_size:
             raise ValueError(
@@ -160,19 +188,7 @@ class OpenClipTextEncoder(nn.Module):
 
     def tokenize(self, captions: list[str]) -> Tensor:
         """Token ids `(B, L)`, padded with the tower's pad id, truncated to its context length."""
-        captions = list(captions)
-        if not captions:
-            return self.tokenizer(captions)
-        # A caption's ids depend on it alone, and training repeats captions (the moving digits
-        # have 80): BPE over them again every step is 2-4 % of the text stage's step.
-        unique = list(dict.fromkeys(captions))
-        new = [caption for caption in unique if caption not in self._token_ids]
-        if new:
-            if len(self._token_ids) + len(new) > TOKEN_CACHE_SIZE:
-                self._token_ids.clear()
-                new = unique
-            self._token_ids.update(zip(new, self.tokenizer(new)))
-        return torch.stack([self._token_ids[caption] for caption in captions])  # (B, L)
+        return self._token_ids(captions)
 
     def forward(self, tokens: Tensor) -> TextEmbedding:
         # tokens: (B, L) int64
@@ -243,6 +259,7 @@ class OpenClipEmbedder(nn.Module):
             self.tokenizer = open_clip.get_tokenizer(model_name)
         else:
             raise ValueError("OpenClipEmbedder: needs model_name or embed_dim + vision_cfg + text_cfg")
+        self._token_ids = CaptionTokenCache(self.tokenizer)
         if weights is not None:
             self.load_stage_weights(weights)
         size = self.model.visual.image_size
@@ -280,7 +297,7 @@ class OpenClipEmbedder(nn.Module):
 
     def encode_text(self, captions: list[str]) -> Tensor:
         """L2-normalised text embeddings `(B, D)`."""
-        tokens = self.tokenizer(list(captions)).to(self.model.logit_scale.device)
+        tokens = self._token_ids(captions).to(self.model.logit_scale.device)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             return F.normalize(self.model.encode_text(tokens), dim=-1)
 

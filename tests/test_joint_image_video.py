@@ -199,3 +199,14 @@ def test_joint_frame_losses_follow_the_modules_forward_process(schedule):
     frame_losses = module.objective.frame_losses(module, x0, conditioning, torch.Generator().manual_seed(3))
     clip_losses = module.diffusion_loss(x0, module.condition(batch, drop=False), torch.Generator().manual_seed(3))
     torch.testing.assert_close(frame_losses.mean(dim=1), clip_losses)
+
+
+def test_joint_batches_reach_the_device_through_the_video_datamodules_move(tmp_path):
+    from datamodules import VideoShardDataModule
+
+    video = VideoShardDataModule(tmp_path / "clips", num_workers=0)
+    datamodule = JointImageVideoDataModule(video, ImageShardDataModule(tmp_path / "images", num_workers=0))
+    batch = {"video": torch.zeros(1, 3, 2, 4, 4), "image": torch.zeros(1, 3, 4, 4), "image_caption": ["a"]}
+    assert datamodule.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch  # already there
+    moved = datamodule.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["video"].is_meta and moved["image"].is_meta and moved["image_caption"] == ["a"]

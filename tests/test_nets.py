@@ -7,9 +7,10 @@ from functools import partial
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lit_models.conditioning import OpenClipTextEncoder
+from lit_models.conditioning import OpenClipEmbedder, OpenClipTextEncoder
 from lit_models.nets import FactorizedUNet, TemporalAttention, TemporalConv
 
 TINY_TEXT = dict(width=32, layers=1, heads=4, context_length=12, vocab_size=49408)
@@ -172,9 +173,15 @@ def test_text_encoder_token_cache_gives_the_tokenizers_ids(monkeypatch):
     batches = [["a handwritten 7 moving up", "a handwritten 1 moving down", "a handwritten 7 moving up"],
                ["a handwritten 1 moving down", "a handwritten 2 moving left"],
                ["a handwritten 3 moving right", "a handwritten 4 moving up-left", "a handwritten 7 moving up"], []]
+    # The Make-A-Video stages' CLIP shares the cache: its text embeddings stay those of the tokenizer's ids.
+    embedder = OpenClipEmbedder(embed_dim=16, vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1,
+                                                              head_width=16), text_cfg=TINY_TEXT)
     for captions in batches:
         assert torch.equal(encoder.tokenize(captions), encoder.tokenizer(captions))
         assert len(encoder._token_ids) <= 3
+        if captions:
+            plain = F.normalize(embedder.model.encode_text(embedder.tokenizer(captions)), dim=-1)
+            assert torch.equal(embedder.encode_text(captions), plain) and len(embedder._token_ids) <= 3
 
 
 def test_frozen_text_encoder_stays_frozen_and_in_eval():
